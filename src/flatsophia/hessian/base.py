@@ -1,0 +1,96 @@
+"""Shared pieces of the Hessian estimators: seeded per-device generators and a factory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_warned_math_sdpa = False
+
+
+@contextlib.contextmanager
+def math_attention(enabled: bool = True):
+    """Force the math kernel of ``F.scaled_dot_product_attention`` inside the block.
+
+    The flash and memory-efficient kernels have no double backward, so a Hessian-vector product
+    through attention needs the math kernel. Logged once per process.
+    """
+    global _warned_math_sdpa
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not _warned_math_sdpa:
+        log.info("Hessian refresh: using the math kernel of scaled_dot_product_attention (needs double backward)")
+        _warned_math_sdpa = True
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+class HessianEstimator:
+    """Base class: owns one seeded ``torch.Generator`` per device, saved in ``state_dict()``.
+
+    Subclasses implement ``__call__(forward, loss_fn, params) -> list[Tensor | None]``.
+    """
+
+    #: registry name, matching ``OptimizerSpec.hessian``
+    name = "base"
+
+    def __init__(self, seed: int = 0):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"Invalid seed: {seed!r} (expected an integer)")
+        self.seed = seed
+        self._generators: dict[str, torch.Generator] = {}
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The generator for ``device``, created (seeded from ``seed`` and the device) on first use."""
+        key = str(torch.device(device))
+        if key not in self._generators:
+            g = torch.Generator(device=key)
+            g.manual_seed(self.seed)
+            self._generators[key] = g
+        return self._generators[key]
+
+    def state_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "seed": self.seed,
+            "generators": {k: g.get_state() for k, g in self._generators.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(
+                f"Cannot load a {state.get('name')!r} estimator state into a {self.name!r} estimator"
+            )
+        self.seed = state["seed"]
+        self._generators = {}
+        for key, rng_state in state["generators"].items():
+            self.generator(key).set_state(rng_state)
+
+    def __call__(
+        self,
+        forward: Callable[[], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        params: Sequence[torch.Tensor],
+    ) -> list[torch.Tensor | None]:
+        raise NotImplementedError
+
+
+def build_estimator(name: str, **kwargs) -> HessianEstimator | None:
+    """``"hutchinson"`` -> :class:`Hutchinson`, ``"gnb"`` -> :class:`GaussNewtonBartlett`, ``"none"`` -> None."""
+    from .gnb import GaussNewtonBartlett
+    from .hutchinson import Hutchinson
+
+    table = {"hutchinson": Hutchinson, "gnb": GaussNewtonBartlett}
+    if name == "none":
+        return None
+    if name not in table:
+        raise ValueError(f"Unknown Hessian estimator {name!r}; choose one of: none, gnb, hutchinson")
+    return table[name](**kwargs)

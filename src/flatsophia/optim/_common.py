@@ -1,0 +1,82 @@
+"""Helpers shared by the optimizers: argument validation and Hessian-estimate checks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+
+
+def check_nonneg(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number >= 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
+
+
+def check_positive(name: str, value: float) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number > 0)")
+
+
+def check_betas(betas: Sequence[float]) -> None:
+    """Raise ``ValueError`` unless ``betas`` is a pair with each value in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    for i, b in enumerate(betas):
+        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (expected a number in [0, 1))")
+
+
+def check_int(name: str, value: int, low: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an int >= ``low``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
+
+
+def hessian_params(param_groups: Iterable[dict]) -> list[torch.Tensor]:
+    """The parameters a Hessian estimate is expected for, in ``param_groups`` order.
+
+    These are the parameters with ``requires_grad=True``; estimators in :mod:`flatsophia.hessian`
+    return one tensor (or ``None`` for an unused parameter) per entry of this list.
+    """
+    return [p for group in param_groups for p in group["params"] if p.requires_grad]
+
+
+def check_estimates(
+    params: Sequence[torch.Tensor], estimates: Sequence[torch.Tensor | None], what: str = "estimates"
+) -> None:
+    """Validate a list of per-parameter Hessian estimates against ``params``.
+
+    Raises ``ValueError`` naming the first bad entry: wrong count, wrong shape, non-floating dtype.
+    ``None`` entries (parameters that did not take part in the loss) are allowed.
+    """
+    if isinstance(estimates, torch.Tensor) or not isinstance(estimates, Sequence):
+        raise ValueError(
+            f"Invalid {what}: expected a list with one tensor per parameter, got {type(estimates).__name__}"
+        )
+    if len(estimates) != len(params):
+        raise ValueError(
+            f"Invalid {what}: got {len(estimates)} tensors for {len(params)} parameters "
+            "(one per parameter with requires_grad, in param_groups order; see hessian_params())"
+        )
+    for i, (p, e) in enumerate(zip(params, estimates)):
+        if e is None:
+            continue
+        if not isinstance(e, torch.Tensor):
+            raise ValueError(f"Invalid {what}[{i}]: expected a tensor or None, got {type(e).__name__}")
+        if e.shape != p.shape:
+            raise ValueError(
+                f"Invalid {what}[{i}]: shape {tuple(e.shape)} does not match the parameter's {tuple(p.shape)}"
+            )
+        if not e.is_floating_point():
+            raise ValueError(f"Invalid {what}[{i}]: dtype {e.dtype} is not a floating-point dtype")
+
+
+def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+    """True when every entry of every tensor is finite (one host sync for the whole list)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    if not flags:
+        return True
+    return bool(torch.stack(flags).all())

@@ -1,0 +1,211 @@
+"""Sophia-G: Sophia with the Gauss-Newton-Bartlett diagonal Hessian estimator.
+
+Paper: Liu, Li, Hall, Liang, Ma, "Sophia: A Scalable Stochastic Second-order Optimizer for Language
+Model Pre-training", arXiv:2305.14342 (2023).
+Reference code: github.com/Liuhong99/Sophia (``sophia.py``, MIT; on PyPI as ``sophia-opt``).
+This is an independent implementation with the same surface and the same arithmetic; the test suite
+checks it against ``sophia-opt`` step for step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from ._common import (
+    all_finite,
+    check_betas,
+    check_estimates,
+    check_nonneg,
+    check_positive,
+    hessian_params,
+)
+
+__all__ = ["SophiaG"]
+
+#: The reference's guard added to the denominator ``rho * bs * h``.
+_DENOM_EPS = 1e-15
+
+
+class SophiaG(Optimizer):
+    r"""Sophia-G (authors' variant, as in ``sophia-opt``).
+
+    .. math::
+        \begin{aligned}
+        &\theta \leftarrow \theta (1 - \eta\lambda) \\
+        &m \leftarrow \beta_1 m + (1-\beta_1) g \qquad\text{(no bias correction)}\\
+        &\theta \leftarrow \theta - \eta\, \mathrm{sign}(m)\,
+            \min\!\Big(\frac{|m|}{\rho \cdot bs \cdot h + 10^{-15}}, 1\Big)
+        \end{aligned}
+
+    and, when the training loop calls :meth:`update_hessian` (every ``k`` steps, ``k=10`` in the
+    paper), :math:`h \leftarrow \beta_2 h + (1-\beta_2)\,\hat g \odot \hat g`, where :math:`\hat g`
+    is the gradient of the mean loss on labels sampled from the model's own softmax
+    (the Gauss-Newton-Bartlett estimator, :class:`flatsophia.hessian.GaussNewtonBartlett`).
+
+    ``bs`` is the number of predictions per optimizer step (examples, or sequences x tokens, times
+    gradient accumulation, times world size). The paper's :math:`\gamma` equals ``rho * bs``; the
+    clip threshold is 1 and the update of every coordinate is bounded by ``lr``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta` (default 1e-4).
+        betas: :math:`(\beta_1, \beta_2)` for the gradient and Hessian EMAs (default (0.965, 0.99)).
+        rho: clipping scale (default 0.04); :math:`\gamma = \rho \cdot bs`.
+        weight_decay: decoupled weight decay :math:`\lambda` (default 0.1).
+        bs: predictions per step used by :meth:`step` when it is called without ``bs``
+            (default 5120, the reference's default). Set it once here (or per group) instead of
+            passing it to every ``step`` call.
+        maximize: maximize the objective instead of minimizing.
+
+    Deliberate differences from the reference (none change results for valid states):
+        * ``update_hessian(estimates)`` optionally takes the sampled-label gradients directly
+          (e.g. computed with ``torch.autograd.grad`` and all-reduced under DDP); without arguments
+          it reads ``p.grad`` exactly like the reference.
+        * A non-finite Hessian estimate is skipped with a warning (the EMA keeps its old value)
+          instead of poisoning the state; :meth:`update_hessian` returns ``False`` then.
+        * The denominator is ``max(rho*bs*h, 0) + 1e-15``, so a negative ``h`` (impossible with the
+          estimator, possible with a hand-fed estimate) still gives a step bounded by ``lr``.
+    """
+
+    is_second_order = True
+    hessian_estimator = "gnb"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        *,
+        bs: int = 5120,
+        maximize: bool = False,
+    ):
+        check_nonneg("learning rate", lr)
+        check_betas(betas)
+        check_nonneg("rho", rho)
+        check_nonneg("weight_decay", weight_decay)
+        check_positive("bs", bs)
+        defaults = dict(lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, bs=bs, maximize=maximize)
+        super().__init__(params, defaults)
+        # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
+        self._last_step_stats: dict[str, torch.Tensor] = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("bs", 5120)
+            group.setdefault("maximize", False)
+        self.__dict__.setdefault("_last_step_stats", {})
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def hessian_params(self) -> list[torch.Tensor]:
+        """Parameters :meth:`update_hessian` expects estimates for (``requires_grad``, group order)."""
+        return hessian_params(self.param_groups)
+
+    @torch.no_grad()
+    def update_hessian(self, estimates: Sequence[torch.Tensor | None] | None = None) -> bool:
+        """Fold a Gauss-Newton-Bartlett sample into the Hessian EMA: ``h = b2*h + (1-b2)*ghat*ghat``.
+
+        Args:
+            estimates: the sampled-label gradients ``ghat``, one per :meth:`hessian_params` entry
+                (``None`` skips a parameter). When omitted, ``p.grad`` is used for every parameter
+                that has one, as in the reference (call right after back-propagating the
+                sampled-label loss).
+
+        Returns:
+            ``True`` if the EMA was updated, ``False`` if the estimate was skipped because it held a
+            non-finite value (a ``RuntimeWarning`` is issued; the state is untouched).
+        """
+        if estimates is None:
+            pairs = [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        else:
+            params = self.hessian_params()
+            check_estimates(params, estimates)
+            pairs = [(p, e) for p, e in zip(params, estimates) if e is not None]
+        if not all_finite(e for _, e in pairs):
+            warnings.warn(
+                "SophiaG.update_hessian: the Hessian estimate holds NaN/inf; skipped (EMA unchanged).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        beta2 = {id(p): g["betas"][1] for g in self.param_groups for p in g["params"]}
+        for p, e in pairs:
+            state = self._init_state(p)
+            b2 = beta2[id(p)]
+            state["hessian"].mul_(b2).addcmul_(e, e, value=1 - b2)
+        return True
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, bs: float | None = None, collect_stats: bool = False):
+        """One Sophia-G step.
+
+        Args:
+            closure: optional closure re-evaluating the loss.
+            bs: predictions per step for this call; defaults to each group's ``bs``.
+            collect_stats: also record the win rate (fraction of coordinates not clipped) and the
+                update RMS as 0-d tensors, read with :meth:`stats` (no host sync here).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if bs is not None:
+            check_positive("bs", bs)
+        n_kept = n_total = sq_sum = None
+        for group in self.param_groups:
+            beta1, _ = group["betas"]
+            lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
+            scale = rho * (bs if bs is not None else group["bs"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("SophiaG does not support sparse gradients")
+                grad = -p.grad if group["maximize"] else p.grad
+                state = self._init_state(p)
+                exp_avg, hess = state["exp_avg"], state["hessian"]
+                state["step"] += 1
+                p.mul_(1 - lr * wd)
+                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
+                ratio = (exp_avg.abs() / ((scale * hess).clamp_(min=0).add_(_DENOM_EPS))).clamp_(max=1)
+                if collect_stats:
+                    kept = (ratio < 1).sum()
+                    sq = ratio.square().sum()
+                    n_kept = kept if n_kept is None else n_kept + kept
+                    sq_sum = sq if sq_sum is None else sq_sum + sq
+                    n_total = p.numel() + (n_total or 0)
+                p.addcmul_(exp_avg.sign(), ratio, value=-lr)
+        if collect_stats and n_total:
+            self._last_step_stats.clear()
+            self._last_step_stats["win_rate"] = n_kept.float() / n_total
+            self._last_step_stats["update_rms"] = (sq_sum.float() / n_total).sqrt()
+        return loss
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Diagnostics as 0-d tensors (call ``.item()`` to read them; that is the only host sync).
+
+        ``win_rate`` (fraction of coordinates not clipped) and ``update_rms`` (RMS of the
+        preconditioned direction, before ``lr``) come from the last ``step(collect_stats=True)``;
+        ``hessian_mean`` and ``hessian_neg_frac`` describe the current Hessian EMA.
+        """
+        out = dict(self._last_step_stats)
+        hs = [s["hessian"] for s in self.state.values() if "hessian" in s]
+        if hs:
+            n = sum(h.numel() for h in hs)
+            out["hessian_mean"] = sum(h.float().sum() for h in hs) / n
+            out["hessian_neg_frac"] = sum((h < 0).sum() for h in hs).float() / n
+        return out

@@ -1,0 +1,246 @@
+"""Sophia-H: Sophia with the Hutchinson diagonal Hessian estimator.
+
+Paper: Liu et al., "Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+Pre-training", arXiv:2305.14342 (2023).
+Update rule as in the FlatSophia reference (github.com/evanatyourservice/flat-sophia,
+``flat_sophia.py``, ``scale_by_sophia_h`` with ``project_to_flat=False``; JAX/optax, MIT), of which
+this is an independent PyTorch implementation. :class:`~flatsophia.optim.FlatSophia` adds the
+sharpness mask on top of this class.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from ._common import (
+    all_finite,
+    check_betas,
+    check_estimates,
+    check_nonneg,
+    check_positive,
+    hessian_params,
+)
+
+__all__ = ["SophiaH"]
+
+
+class SophiaH(Optimizer):
+    r"""Sophia-H, as in the flat-sophia reference's ``scale_by_sophia_h``.
+
+    With :math:`d = v \odot Hv` a Hutchinson estimate of the Hessian diagonal (given to
+    :meth:`update_hessian` every ``k`` steps) and :math:`t` the step count:
+
+    .. math::
+        \begin{aligned}
+        &\nu \leftarrow \beta_2 \nu + (1-\beta_2)\, d
+            \quad\text{(refresh steps only; no bias correction; } \nu \text{ may be negative)}\\
+        &\mu \leftarrow \beta_1 \mu + (1-\beta_1) g, \qquad \hat\mu = \mu / (1-\beta_1^t)\\
+        &u = \mathrm{clip}\big(\hat\mu / \max(\gamma \nu, \epsilon),\, -c,\, c\big)\\
+        &\theta \leftarrow \theta - \eta\,(u + \lambda \theta)
+        \end{aligned}
+
+    Where :math:`\nu \le 0` the denominator is :math:`\epsilon`, so :math:`|u|` hits the clip
+    threshold and the step is bounded by :math:`\eta c` per coordinate.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate :math:`\eta` (default 3e-3, the reference experiment's peak).
+        betas: :math:`(\beta_1, \beta_2)` (default (0.965, 0.99)).
+        gamma: Hessian scale :math:`\gamma` (default 0.01).
+        eps: floor of the denominator :math:`\epsilon` (default 1e-8).
+        weight_decay: decoupled weight decay :math:`\lambda`, applied as ``lr * wd * p``
+            (default 1e-4, the reference's ``sophia_h`` default).
+        clip_threshold: :math:`c` (default 1.0); ``None`` disables clipping.
+        mu_dtype: dtype of the momentum buffer (default: the parameter's); ``torch.bfloat16``
+            halves its memory as in the reference experiment.
+
+    A call sequence ``update_hessian(d); step()`` is one reference update with
+    ``update_preconditioner=True``; ``step()`` alone is one with ``False``.
+    Non-finite estimates are skipped with a ``RuntimeWarning`` (state untouched) and
+    :meth:`update_hessian` returns ``False``.
+    """
+
+    is_second_order = True
+    hessian_estimator = "hutchinson"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 3e-3,
+        betas: tuple[float, float] = (0.965, 0.99),
+        gamma: float = 0.01,
+        eps: float = 1e-8,
+        weight_decay: float = 1e-4,
+        clip_threshold: float | None = 1.0,
+        *,
+        mu_dtype: torch.dtype | str | None = None,
+        **extra_defaults,
+    ):
+        check_nonneg("learning rate", lr)
+        check_betas(betas)
+        check_nonneg("gamma", gamma)
+        check_positive("eps", eps)
+        check_nonneg("weight_decay", weight_decay)
+        if clip_threshold is not None:
+            check_positive("clip_threshold", clip_threshold)
+        if isinstance(mu_dtype, str):
+            mu_dtype = _parse_dtype(mu_dtype)
+        if mu_dtype is not None and not (isinstance(mu_dtype, torch.dtype) and mu_dtype.is_floating_point):
+            raise ValueError(f"Invalid mu_dtype: {mu_dtype!r} (expected None or a floating torch.dtype)")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            gamma=gamma,
+            eps=eps,
+            weight_decay=weight_decay,
+            clip_threshold=clip_threshold,
+            mu_dtype=mu_dtype,
+            **extra_defaults,
+        )
+        super().__init__(params, defaults)
+        # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
+        self._last_step_stats: dict[str, torch.Tensor] = {}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_last_step_stats", {})
+
+    # ------------------------------------------------------------------ state
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+            mu_dtype = group["mu_dtype"] or p.dtype
+            state["exp_avg"] = torch.zeros_like(p, dtype=mu_dtype, memory_format=torch.preserve_format)
+            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def hessian_params(self) -> list[torch.Tensor]:
+        """Parameters :meth:`update_hessian` expects estimates for (``requires_grad``, group order)."""
+        return hessian_params(self.param_groups)
+
+    # ---------------------------------------------------------------- hessian
+    @torch.no_grad()
+    def update_hessian(self, estimates: Sequence[torch.Tensor | None]) -> bool:
+        """Fold one Hutchinson estimate ``d = v * (H v)`` per parameter into the Hessian EMA.
+
+        Args:
+            estimates: one tensor per entry of :meth:`hessian_params` (``None`` for a parameter the
+                loss does not depend on), e.g. from :class:`flatsophia.hessian.Hutchinson`.
+
+        Returns:
+            ``True`` if the state was updated; ``False`` if the estimate held NaN/inf and was skipped.
+        """
+        params = self.hessian_params()
+        check_estimates(params, estimates)
+        if not all_finite(estimates):
+            warnings.warn(
+                f"{type(self).__name__}.update_hessian: the Hessian estimate holds NaN/inf; "
+                "skipped (state unchanged).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        pairs = [(p, e) for p, e in zip(params, estimates) if e is not None]
+        for p, e in pairs:
+            group = groups[id(p)]
+            b2 = group["betas"][1]
+            state = self._init_state(p, group)
+            state["hessian"].mul_(b2).add_(e, alpha=1 - b2)
+        self._after_hessian_update(pairs, groups)
+        return True
+
+    def _after_hessian_update(self, pairs, groups) -> None:
+        """Hook for subclasses (FlatSophia refreshes its sharpness mask here)."""
+
+    def _direction_divisor(self, state: dict) -> torch.Tensor | None:
+        """Per-coordinate divisor of the clipped direction (FlatSophia's mask); ``None`` for none."""
+        return None
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, collect_stats: bool = False):
+        """One update with the current Hessian EMA (and mask).
+
+        Args:
+            closure: optional closure re-evaluating the loss.
+            collect_stats: record the win rate (fraction of coordinates with ``|u| < clip``) and
+                the RMS of the final direction ``u`` (before ``lr``) as 0-d tensors for
+                :meth:`stats`; no host sync.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        n_kept = sq_sum = None
+        n_total = 0
+        for group in self.param_groups:
+            beta1, _ = group["betas"]
+            lr, wd, gamma, eps = group["lr"], group["weight_decay"], group["gamma"], group["eps"]
+            clip = group["clip_threshold"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self._init_state(p, group)
+                exp_avg, hess = state["exp_avg"], state["hessian"]
+                state["step"] += 1
+                bias_correction = 1 - beta1 ** state["step"].item()
+                # As in the reference, the new momentum is formed in the parameter's precision and
+                # only stored in ``mu_dtype``; the bias-corrected value uses the unrounded one.
+                mu = exp_avg.to(p.dtype)
+                mu.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                if mu is not exp_avg:
+                    exp_avg.copy_(mu)
+                u = mu.div_(bias_correction) if mu is not exp_avg else mu / bias_correction
+                u.div_((gamma * hess).clamp_(min=eps))
+                if collect_stats:
+                    kept = (u.abs() < clip).sum() if clip is not None else torch.tensor(p.numel())
+                    n_kept = kept if n_kept is None else n_kept + kept
+                    n_total += p.numel()
+                if clip is not None:
+                    u.clamp_(-clip, clip)
+                divisor = self._direction_divisor(state)
+                if divisor is not None:
+                    u.div_(divisor)
+                if collect_stats:
+                    sq = u.float().square().sum()
+                    sq_sum = sq if sq_sum is None else sq_sum + sq
+                if wd != 0:
+                    u.add_(p, alpha=wd)
+                p.add_(u, alpha=-lr)
+        if collect_stats and n_total:
+            self._last_step_stats.clear()
+            self._last_step_stats["win_rate"] = n_kept.float() / n_total
+            self._last_step_stats["update_rms"] = (sq_sum / n_total).sqrt()
+        return loss
+
+    @torch.no_grad()
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Diagnostics as 0-d tensors (``.item()`` is the only host sync).
+
+        ``win_rate`` and ``update_rms`` come from the last ``step(collect_stats=True)``;
+        ``hessian_mean`` and ``hessian_neg_frac`` describe the current Hessian EMA.
+        """
+        out = dict(self._last_step_stats)
+        hs = [s["hessian"] for s in self.state.values() if "hessian" in s]
+        if hs:
+            n = sum(h.numel() for h in hs)
+            out["hessian_mean"] = sum(h.float().sum() for h in hs) / n
+            out["hessian_neg_frac"] = sum((h < 0).sum() for h in hs).float() / n
+        return out
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+    attr = aliases.get(name, name).removeprefix("torch.")
+    dtype = getattr(torch, attr, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"Invalid mu_dtype: {name!r} (expected one of bfloat16, float16, float32, float64)")
+    return dtype
