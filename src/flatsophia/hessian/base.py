@@ -66,9 +66,7 @@ class HessianEstimator:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("name") != self.name:
-            raise ValueError(
-                f"Cannot load a {state.get('name')!r} estimator state into a {self.name!r} estimator"
-            )
+            raise ValueError(f"Cannot load a {state.get('name')!r} estimator state into a {self.name!r} estimator")
         self.seed = state["seed"]
         self._generators = {}
         for key, rng_state in state["generators"].items():

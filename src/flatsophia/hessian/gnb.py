@@ -21,7 +21,9 @@ class GaussNewtonBartlett(HessianEstimator):
 
     The ``forward`` closure must return logits shaped ``(..., num_classes)``; the training loss
     is not used (it only has to be a cross-entropy over the same logits, which the caller checks).
-    Positions whose training label is ``ignore_index`` can be excluded by passing ``valid_mask``.
+    Positions whose training label is ``ignore_index`` can be excluded by passing ``valid_mask``
+    (shaped like ``logits.shape[:-1]``, nonzero = keep); the sampled-label loss is then the mean
+    over the kept positions (zero gradients if there are none).
     """
 
     name = "gnb"
@@ -43,11 +45,29 @@ class GaussNewtonBartlett(HessianEstimator):
                     "use the Hutchinson estimator (hessian=hutchinson, e.g. optimizer=sophia_h)."
                 )
             flat = logits.reshape(-1, logits.shape[-1])
+            valid = None
+            if valid_mask is not None:
+                valid = torch.as_tensor(valid_mask, device=flat.device).reshape(-1).bool()
+                if valid.numel() != flat.shape[0]:
+                    raise ValueError(
+                        f"valid_mask has {valid.numel()} entries for {flat.shape[0]} predictions "
+                        f"(logits shaped {tuple(logits.shape)}); it must match logits.shape[:-1]"
+                    )
             with torch.no_grad():
                 probs = torch.softmax(flat.float(), dim=-1)
-                yhat = torch.multinomial(probs, 1, generator=self.generator(probs.device)).squeeze(-1)
-                if valid_mask is not None:
-                    yhat = torch.where(valid_mask.reshape(-1), yhat, torch.full_like(yhat, -100))
-            loss = F.cross_entropy(flat, yhat, ignore_index=-100)
+                yhat = self.sample_labels(probs)
+                if valid is not None:
+                    yhat = torch.where(valid, yhat, torch.full_like(yhat, -100))
+            if valid is None:
+                loss = F.cross_entropy(flat, yhat)
+            else:
+                # Mean over the valid positions; with none, zero gradients (the "mean" reduction
+                # would divide by zero and return NaN).
+                total = F.cross_entropy(flat, yhat, ignore_index=-100, reduction="sum")
+                loss = total / valid.sum().clamp(min=1)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return list(grads)
+
+    def sample_labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """One label per row of ``probs`` (N, C), drawn from this estimator's generator."""
+        return torch.multinomial(probs, 1, generator=self.generator(probs.device)).squeeze(-1)

@@ -62,11 +62,16 @@ class Hutchinson(HessianEstimator):
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         out: list[torch.Tensor | None] = [None] * len(params)
-        for k in range(self.n_probes):
+        # With no live parameter (every parameter reached only linearly, or not at all) there is
+        # nothing to differentiate: autograd.grad would raise on the empty input list.
+        for k in range(self.n_probes if live else 0):
             vs = [self.probe(params[i]) for i in live]
             hvs = torch.autograd.grad(
-                [grads[i] for i in live], [params[i] for i in live], grad_outputs=vs,
-                retain_graph=k < self.n_probes - 1, allow_unused=True,
+                [grads[i] for i in live],
+                [params[i] for i in live],
+                grad_outputs=vs,
+                retain_graph=k < self.n_probes - 1,
+                allow_unused=True,
             )
             for i, v, hv in zip(live, vs, hvs):
                 d = torch.zeros_like(v) if hv is None else v.mul_(hv)

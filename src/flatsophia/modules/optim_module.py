@@ -31,9 +31,7 @@ TASKS = ("classification", "lm")
 NONFINITE_POLICIES = ("skip", "raise")
 
 #: Defaults of the ``hessian`` block; every key a user sets must be one of these.
-HESSIAN_DEFAULTS = dict(
-    estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0
-)
+HESSIAN_DEFAULTS = dict(estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0)
 SCHEDULER_DEFAULTS = dict(name="cosine", warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
 
 
@@ -117,7 +115,10 @@ class OptimLitModule(L.LightningModule):
             raise ValueError(
                 f"Invalid scheduler.name: {self.scheduler_cfg['name']!r} (choose one of {', '.join(SCHEDULES)})"
             )
-        self.save_hyperparameters(logger=False, ignore=["net"])
+        # The optimizer factory is not stored as such: checkpoints stay loadable with
+        # torch.load(weights_only=True). Its name and keyword arguments are recorded instead.
+        self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])
+        self.hparams["optimizer_kwargs"] = dict(getattr(optimizer, "keywords", {}) or {})
         self.automatic_optimization = False
         self.net = net
         self.optimizer_factory = optimizer
@@ -140,7 +141,8 @@ class OptimLitModule(L.LightningModule):
         # Training-loop state that checkpoints carry (see on_save_checkpoint).
         self.estimator = None
         self.estimator_name = "none"
-        self._refresh_rng = torch.Generator().manual_seed(int(self.hessian_cfg["seed"]) + 1)
+        # Created on first use: a torch.Generator held by the module breaks ddp_spawn's pickling.
+        self._refresh_rng: torch.Generator | None = None
         self._micro = 0
         self._micro_preds = 0
         self.nonfinite_skipped = 0
@@ -264,16 +266,26 @@ class OptimLitModule(L.LightningModule):
         if self.nonfinite == "raise":
             raise FloatingPointError(msg + "; set module.nonfinite=skip to drop such steps instead")
         self.nonfinite_skipped += 1
-        warnings.warn(msg + f"; step skipped ({self.nonfinite_skipped} so far), optimizer state untouched",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            msg + f"; step skipped ({self.nonfinite_skipped} so far), optimizer state untouched",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         opt.zero_grad(set_to_none=True)
 
     def _refresh_due(self, step: int) -> bool:
         p = self.hessian_cfg["refresh_prob"]
         if p is None:
             return step % self.hessian_cfg["every_k"] == 0
-        draw = torch.rand((), generator=self._refresh_rng).item()  # drawn every step: resumable stream
+        draw = torch.rand((), generator=self.refresh_rng).item()  # drawn every step: resumable stream
         return step == 0 or draw < p
+
+    @property
+    def refresh_rng(self) -> torch.Generator:
+        """Generator of the random refresh schedule (seeded from ``hessian.seed``)."""
+        if self._refresh_rng is None:
+            self._refresh_rng = torch.Generator().manual_seed(int(self.hessian_cfg["seed"]) + 1)
+        return self._refresh_rng
 
     def _refresh_hessian(self, opt, x: torch.Tensor, y: torch.Tensor) -> None:
         params = opt.optimizer.hessian_params()
@@ -359,7 +371,7 @@ class OptimLitModule(L.LightningModule):
         checkpoint["flatsophia"] = {
             "optimizer_name": self.optimizer_name,
             "estimator": self.estimator.state_dict() if self.estimator is not None else None,
-            "refresh_rng": self._refresh_rng.get_state(),
+            "refresh_rng": self.refresh_rng.get_state(),
             "micro": self._micro,
             "nonfinite_skipped": self.nonfinite_skipped,
             "hessian_refreshes": self.hessian_refreshes,
@@ -381,7 +393,7 @@ class OptimLitModule(L.LightningModule):
                 self.estimator.distribution = self.hessian_cfg["distribution"]
                 self.estimator.n_probes = int(self.hessian_cfg["n_probes"])
             self.estimator.load_state_dict(extra["estimator"])
-        self._refresh_rng.set_state(extra["refresh_rng"])
+        self.refresh_rng.set_state(extra["refresh_rng"])
         self.nonfinite_skipped = extra["nonfinite_skipped"]
         self.hessian_refreshes = extra["hessian_refreshes"]
         self.hessian_skipped = extra["hessian_skipped"]

@@ -71,7 +71,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "hutchinson",
             "Sophia-H with an int8 mask damping the sharpest coordinates",
         ),
-        OptimizerSpec("soap", "flatsophia.optim.soap:SOAP", "none", "Adam in the eigenbasis of Shampoo's preconditioner"),
+        OptimizerSpec(
+            "soap", "flatsophia.optim.soap:SOAP", "none", "Adam in the eigenbasis of Shampoo's preconditioner"
+        ),
     )
 }
 
@@ -89,18 +91,21 @@ def get_spec(name: str) -> OptimizerSpec:
 
 
 def spec_for(optimizer: torch.optim.Optimizer | type) -> OptimizerSpec | None:
-    """The spec whose class is ``optimizer``'s class (or a base of it); ``None`` if unregistered."""
+    """The spec whose class is ``optimizer``'s class or its closest registered base class.
+
+    "Closest" follows the method resolution order, so a subclass of :class:`FlatSophia` maps to
+    ``flat_sophia`` (not to ``sophia_h``, FlatSophia's own base). ``None`` if unregistered.
+    """
     cls = optimizer if isinstance(optimizer, type) else type(optimizer)
-    best = None
+    mro = cls.__mro__
+    best, best_rank = None, len(mro)
     for spec in OPTIMIZERS.values():
         try:
             spec_cls = spec.cls
         except ImportError:  # pragma: no cover - an optional optimizer that is not installed
             continue
-        if cls is spec_cls:
-            return spec
-        if issubclass(cls, spec_cls) and best is None:
-            best = spec
+        if spec_cls in mro and mro.index(spec_cls) < best_rank:
+            best, best_rank = spec, mro.index(spec_cls)
     return best
 
 

@@ -43,9 +43,11 @@ class FlatSophia(SophiaH):
             ablations).
         Other arguments: see :class:`~flatsophia.optim.SophiaH`.
 
-    Ties at the threshold follow the reference: the comparison is strict, so coordinates equal to
-    :math:`\tau` are not damped and fewer than :math:`k` may be masked when values tie.
-    With ``k = 0`` (tiny models or tiny ``sharp_fraction``) nothing is masked.
+    The threshold and the comparison follow the reference exactly: :math:`\tau` is the
+    :math:`k`-th largest :math:`|d|` itself and the comparison is strict, so the coordinate holding
+    :math:`\tau` is not damped: with distinct values exactly :math:`k - 1` coordinates are masked
+    (``masked_frac`` in :meth:`stats` is :math:`(k-1)/n`), and fewer when values tie at
+    :math:`\tau`. With ``k <= 1`` (tiny models or tiny ``sharp_fraction``) nothing is masked.
     """
 
     def __init__(
@@ -66,8 +68,10 @@ class FlatSophia(SophiaH):
         check_nonneg("sharp_fraction", sharp_fraction)
         if sharp_fraction > 1:
             raise ValueError(f"Invalid sharp_fraction: {sharp_fraction!r} (expected a number in [0, 1])")
-        if isinstance(dampening_factor, bool) or not isinstance(dampening_factor, (int, float)) or not (
-            float(dampening_factor).is_integer() and 1 <= dampening_factor <= 127
+        if (
+            isinstance(dampening_factor, bool)
+            or not isinstance(dampening_factor, (int, float))
+            or not (float(dampening_factor).is_integer() and 1 <= dampening_factor <= 127)
         ):
             raise ValueError(
                 f"Invalid dampening_factor: {dampening_factor!r} (expected an integer in [1, 127]; "

@@ -14,7 +14,9 @@ from torch.optim.lr_scheduler import LambdaLR
 SCHEDULES = ("constant", "cosine", "linear")
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0) -> float:
+def lr_factor(
+    step: int, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", min_lr_ratio: float = 0.0
+) -> float:
     """Multiplier of the peak learning rate after ``step`` optimizer steps.
 
     Linear warmup from 0 over ``warmup_steps``, then ``decay`` (``"constant"``, ``"cosine"`` or

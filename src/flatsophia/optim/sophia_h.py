@@ -109,6 +109,29 @@ class SophiaH(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_step_stats", {})
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict`` that keeps the state's own dtypes.
+
+        The base class casts every state tensor but ``step`` to the parameter's dtype, which would
+        turn a ``mu_dtype`` momentum (e.g. bfloat16) and FlatSophia's int8 mask into full-precision
+        buffers after a resume (more memory, and a different trajectory than the uninterrupted
+        run). Both are cast back here; the round trip is exact (bf16 -> fp32 -> bf16, and small
+        integers).
+        """
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            mu_dtype = group.get("mu_dtype")
+            if isinstance(mu_dtype, str):
+                mu_dtype = _parse_dtype(mu_dtype)
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                if mu_dtype is not None and "exp_avg" in state and state["exp_avg"].dtype != mu_dtype:
+                    state["exp_avg"] = state["exp_avg"].to(mu_dtype)
+                if "mask" in state and state["mask"].dtype != torch.int8:
+                    state["mask"] = state["mask"].to(torch.int8)
+
     # ------------------------------------------------------------------ state
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -139,8 +162,7 @@ class SophiaH(Optimizer):
         check_estimates(params, estimates)
         if not all_finite(estimates):
             warnings.warn(
-                f"{type(self).__name__}.update_hessian: the Hessian estimate holds NaN/inf; "
-                "skipped (state unchanged).",
+                f"{type(self).__name__}.update_hessian: the Hessian estimate holds NaN/inf; skipped (state unchanged).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -192,9 +214,11 @@ class SophiaH(Optimizer):
                 exp_avg, hess = state["exp_avg"], state["hessian"]
                 state["step"] += 1
                 bias_correction = 1 - beta1 ** state["step"].item()
-                # As in the reference, the new momentum is formed in the parameter's precision and
-                # only stored in ``mu_dtype``; the bias-corrected value uses the unrounded one.
-                mu = exp_avg.to(p.dtype)
+                # As in the reference, the new momentum is formed in the wider of the parameter's
+                # and ``mu_dtype``'s precisions and only stored in ``mu_dtype``; the bias-corrected
+                # value uses the unrounded one (a float32 ``mu_dtype`` under bf16 parameters keeps
+                # float32 momentum instead of rounding it to bf16 every step).
+                mu = exp_avg.to(torch.promote_types(p.dtype, exp_avg.dtype))
                 mu.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 if mu is not exp_avg:
                     exp_avg.copy_(mu)

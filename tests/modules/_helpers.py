@@ -1,0 +1,111 @@
+"""Small builders shared by the module tests: a tiny classifier, data and a state dump callback."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from flatsophia.modules import OptimLitModule
+from flatsophia.optim import get_spec
+
+#: Per-optimizer settings that move a tiny model noticeably in a few steps.
+OPT_KWARGS = {
+    "adamw": dict(lr=1e-2, weight_decay=0.1),
+    "sophia_g": dict(lr=1e-2, rho=0.05, weight_decay=0.1),
+    "sophia_h": dict(lr=1e-2, weight_decay=0.1),
+    "flat_sophia": dict(lr=1e-2, weight_decay=0.1, sharp_fraction=0.2),
+    "soap": dict(lr=1e-2, precondition_frequency=2),
+}
+
+
+def dataset(
+    n: int = 64, nan_batch: int | None = None, batch_size: int = 8, seed: int = 0, dtype=torch.float32
+) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64).to(dtype)
+    y = (x[:, 0] + x[:, 1] > 0).long() + (x[:, 2] > 0.5).long()
+    if nan_batch is not None:
+        x[nan_batch * batch_size] = float("nan")
+    return TensorDataset(x, y)
+
+
+def make_module(name: str, seed: int = 0, dtype=torch.float32, **module_kwargs) -> OptimLitModule:
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    factory = functools.partial(get_spec(name).cls, **OPT_KWARGS[name])
+    module_kwargs.setdefault("scheduler", {"name": "constant"})
+    module_kwargs.setdefault("hessian", {"every_k": 3})
+    return OptimLitModule(net, factory, num_classes=3, optimizer_name=name, **module_kwargs)
+
+
+def trainer(tmp_path: Path, callbacks=(), **kwargs) -> L.Trainer:
+    kwargs.setdefault("accelerator", "cpu")
+    kwargs.setdefault("devices", 1)
+    return L.Trainer(
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=any(isinstance(c, L.pytorch.callbacks.ModelCheckpoint) for c in callbacks),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def loader(ds, batch_size: int = 8) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+
+
+class DumpState(L.Callback):
+    """Writes every rank's parameters and optimizer state to ``out/rank{r}.pt`` at the end of fit."""
+
+    def __init__(self, out: str):
+        self.out = out
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                "optim": trainer.optimizers[0].state_dict(),
+                "refreshes": pl_module.hessian_refreshes,
+                "global_step": trainer.global_step,
+            },
+            Path(self.out) / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def flatten_state(obj, prefix: str = "") -> dict[str, object]:
+    """Nested dict/list of an optimizer state_dict -> {path: leaf} for comparisons."""
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten_state(v, f"{prefix}/{k}"))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(flatten_state(v, f"{prefix}/{i}"))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference between matching tensor leaves of two flattened dicts."""
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    worst = 0.0
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            assert x.dtype == y.dtype and x.shape == y.shape, k
+            if x.numel():
+                worst = max(worst, (x.double() - y.double()).abs().max().item())
+        else:
+            assert x == y, (k, x, y)
+    return worst

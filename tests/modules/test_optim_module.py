@@ -1,0 +1,143 @@
+"""The training step of OptimLitModule: refresh schedule, accumulation, clipping, non-finite policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DumpState, dataset, loader, make_module, trainer
+
+from flatsophia.optim import OPTIMIZERS
+
+
+class RecordRefresh(torch.nn.Module):
+    pass
+
+
+def _fit(tmp_path, name, steps=None, epochs=None, ds=None, **module_kwargs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    module = make_module(name, **module_kwargs)
+    calls = []
+    inner = module._refresh_hessian
+
+    def spy(opt, x, y):
+        calls.append(module.global_step)
+        return inner(opt, x, y)
+
+    module._refresh_hessian = spy
+    kw = {"max_steps": steps} if steps else {"max_epochs": epochs}
+    t = trainer(tmp_path, callbacks=[DumpState(str(tmp_path))], **kw)
+    t.fit(module, loader(ds or dataset(n=64)))
+    return module, t, calls, torch.load(tmp_path / "rank0.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_refresh_happens_exactly_at_configured_steps(tmp_path, name):
+    module, t, calls, _ = _fit(tmp_path, name, steps=11, hessian={"every_k": 4})
+    assert t.global_step == 11
+    if OPTIMIZERS[name].hessian == "none":
+        assert calls == [] and module.estimator is None
+    else:
+        assert calls == [0, 4, 8]
+        assert module.hessian_refreshes == 3
+
+
+def test_accumulation_counts_optimizer_steps_not_batches(tmp_path):
+    module, t, calls, _ = _fit(tmp_path, "flat_sophia", epochs=2, accumulate=4, hessian={"every_k": 2})
+    # 8 batches per epoch / 4 micro-batches = 2 optimizer steps per epoch.
+    assert t.global_step == 4
+    assert calls == [0, 2]
+
+
+def test_sophia_g_bs_counts_predictions_per_step(tmp_path):
+    module = make_module("sophia_g", accumulate=2)
+    seen = []
+    opt_step = None
+
+    class Spy(torch.nn.Module):
+        pass
+
+    t = trainer(tmp_path, max_steps=2)
+    orig = module._optimizer_step
+
+    def wrapped(opt, x, y, loss, preds):
+        seen.append(preds)
+        return orig(opt, x, y, loss, preds)
+
+    module._optimizer_step = wrapped
+    t.fit(module, loader(dataset(n=64)))
+    assert seen == [16, 16]  # 8 examples x 2 micro-batches x 1 process
+    del opt_step, Spy
+
+
+def test_random_refresh_is_reproducible(tmp_path):
+    _, _, a, sa = _fit(tmp_path / "a", "flat_sophia", steps=20, hessian={"refresh_prob": 0.3, "seed": 5})
+    _, _, b, sb = _fit(tmp_path / "b", "flat_sophia", steps=20, hessian={"refresh_prob": 0.3, "seed": 5})
+    _, _, c, _ = _fit(tmp_path / "c", "flat_sophia", steps=20, hessian={"refresh_prob": 0.3, "seed": 6})
+    assert a == b and a[0] == 0 and 1 < len(a) < 20
+    assert a != c
+    for k in sa["params"]:
+        assert torch.equal(sa["params"][k], sb["params"][k])
+
+
+@pytest.mark.parametrize("name", ["adamw", "flat_sophia", "sophia_g"])
+def test_nonfinite_skip_drops_the_step_and_leaves_state_untouched(tmp_path, name):
+    nan_ds = dataset(n=64, nan_batch=2)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient at optimizer step 2"):
+        module, t, _, with_nan = _fit(tmp_path / "nan", name, epochs=1, ds=nan_ds)
+    assert module.nonfinite_skipped == 1 and t.global_step == 7
+    # The same run without the poisoned batch gives bit-identical parameters.
+    keep = [i for i in range(64) if not 16 <= i < 24]
+    clean_ds = torch.utils.data.TensorDataset(*(tensor[keep] for tensor in dataset(n=64).tensors))
+    _, _, _, clean = _fit(tmp_path / "clean", name, epochs=1, ds=clean_ds)
+    for k in clean["params"]:
+        assert torch.isfinite(with_nan["params"][k]).all()
+        assert torch.equal(clean["params"][k], with_nan["params"][k]), k
+
+
+def test_nonfinite_raise_names_step_and_loss(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"step 2 \(loss nan\)"):
+        _fit(tmp_path, "sophia_h", epochs=1, ds=dataset(n=64, nan_batch=2), nonfinite="raise")
+
+
+def test_mismatched_estimator_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="does not fit optimizer 'adamw'.*Valid combinations"):
+        _fit(tmp_path, "adamw", steps=1, hessian={"estimator": "hutchinson"})
+    with pytest.raises(ValueError, match="does not fit optimizer 'sophia_g', which needs 'gnb'"):
+        _fit(tmp_path, "sophia_g", steps=1, hessian={"estimator": "hutchinson"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"accumulate": 0}, "module.accumulate: 0"),
+        ({"grad_clip": -1.0}, "module.grad_clip: -1.0"),
+        ({"nonfinite": "ignore"}, "module.nonfinite: 'ignore'"),
+        ({"task": "regression"}, "task: 'regression'"),
+        ({"hessian": {"every_k": 0}}, "hessian.every_k: 0"),
+        ({"hessian": {"refresh_prob": 1.5}}, "hessian.refresh_prob: 1.5"),
+        ({"hessian": {"estimator": "newton"}}, "hessian.estimator: 'newton'"),
+        ({"hessian": {"every": 3}}, "Unknown key hessian.every"),
+        ({"scheduler": {"name": "step"}}, "scheduler.name: 'step'"),
+        ({"log_stats_every": 0}, "module.log_stats_every: 0"),
+    ],
+)
+def test_bad_module_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make_module("adamw", **kwargs)
+
+
+def test_refresh_does_not_change_the_step_gradient(tmp_path):
+    """The training step's gradient is the same with and without a refresh before the step."""
+    module = make_module("flat_sophia")
+    opt = module.optimizer_factory(list(module.net.parameters()))
+    x, y = dataset(n=8).tensors
+    module.loss_fn(module.net(x), y).backward()
+    before = [p.grad.clone() for p in module.net.parameters()]
+    module._setup_estimator(opt)
+
+    class Wrap:
+        optimizer = opt
+
+    module._refresh_hessian(Wrap(), x, y)
+    for b, p in zip(before, module.net.parameters()):
+        assert torch.equal(b, p.grad)

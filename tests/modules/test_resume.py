@@ -1,0 +1,48 @@
+"""Exact resume: N steps straight equals N/2 steps, checkpoint, resume, N/2 steps (bit-exact on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import DumpState, dataset, flatten_state, loader, make_module, max_abs_diff, trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from flatsophia.optim import OPTIMIZERS
+
+EPOCHS = 4  # 8 batches per epoch, every_k=3 -> refreshes straddle the checkpoint
+
+
+def _fit(tmp_path, name, epochs, ckpt_path=None, **module_kwargs):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    module = make_module(name, **module_kwargs)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    t = trainer(tmp_path, callbacks=[ckpt, DumpState(str(tmp_path))], max_epochs=epochs)
+    t.fit(module, loader(dataset(n=64)), ckpt_path=ckpt_path)
+    return torch.load(tmp_path / "rank0.pt", weights_only=False), module
+
+
+CASES = [(n, {}) for n in sorted(OPTIMIZERS)] + [
+    ("flat_sophia", {"hessian": {"refresh_prob": 0.3}}),
+    ("sophia_h", {"hessian": {"every_k": 2, "distribution": "rademacher"}, "accumulate": 2}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_resume_is_bit_exact(tmp_path, name, kwargs):
+    straight, _ = _fit(tmp_path / "straight", name, EPOCHS, **kwargs)
+    _fit(tmp_path / "half", name, EPOCHS // 2, **kwargs)
+    last = tmp_path / "half" / "ckpt" / "last.ckpt"
+    assert last.exists()
+    resumed, module = _fit(tmp_path / "resumed", name, EPOCHS, ckpt_path=str(last), **kwargs)
+    assert resumed["global_step"] == straight["global_step"]
+    assert resumed["refreshes"] == straight["refreshes"]
+    for key in straight["params"]:
+        assert torch.equal(straight["params"][key], resumed["params"][key]), key
+    assert max_abs_diff(flatten_state(straight["optim"]), flatten_state(resumed["optim"])) == 0.0
+
+
+def test_checkpoint_from_other_optimizer_is_rejected(tmp_path):
+    _fit(tmp_path / "a", "adamw", 1)
+    last = tmp_path / "a" / "ckpt" / "last.ckpt"
+    with pytest.raises(ValueError, match="written with optimizer 'adamw'.*uses 'flat_sophia'"):
+        _fit(tmp_path / "b", "flat_sophia", 2, ckpt_path=str(last))
