@@ -64,6 +64,7 @@ class FlatSophia(SophiaH):
         *,
         mask_source: str = "estimate",
         mu_dtype: torch.dtype | str | None = None,
+        compile: bool = False,
     ):
         check_nonneg("sharp_fraction", sharp_fraction)
         if sharp_fraction > 1:
@@ -88,6 +89,7 @@ class FlatSophia(SophiaH):
             weight_decay=weight_decay,
             clip_threshold=clip_threshold,
             mu_dtype=mu_dtype,
+            compile=compile,
         )
         # Optimizer-wide settings: the mask's threshold is global across all groups.
         self.defaults.update(sharp_fraction=sharp_fraction, dampening_factor=int(dampening_factor))

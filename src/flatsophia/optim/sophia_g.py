@@ -23,11 +23,9 @@ from ._common import (
     check_positive,
     hessian_params,
 )
+from ._kernels import SOPHIA_G_COMPILED, Scratch, scalar, sophia_g_eager
 
 __all__ = ["SophiaG"]
-
-#: The reference's guard added to the denominator ``rho * bs * h``.
-_DENOM_EPS = 1e-15
 
 
 class SophiaG(Optimizer):
@@ -60,6 +58,9 @@ class SophiaG(Optimizer):
             (default 5120, the reference's default). Set it once here (or per group) instead of
             passing it to every ``step`` call.
         maximize: maximize the objective instead of minimizing.
+        compile: run the step as one ``torch.compile``d kernel per group (fused; the first step
+            compiles). Falls back to the eager step, logging why, where compilation fails. The
+            compiled arithmetic may differ from the eager one in the last bits (fused multiply-add).
 
     Deliberate differences from the reference (none change results for valid states):
         * ``update_hessian(estimates)`` optionally takes the sampled-label gradients directly
@@ -84,6 +85,7 @@ class SophiaG(Optimizer):
         *,
         bs: int = 5120,
         maximize: bool = False,
+        compile: bool = False,
     ):
         check_nonneg("learning rate", lr)
         check_betas(betas)
@@ -94,6 +96,8 @@ class SophiaG(Optimizer):
         super().__init__(params, defaults)
         # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
         self._last_step_stats: dict[str, torch.Tensor] = {}
+        self._scratch = Scratch()
+        self.compile = bool(compile)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -101,6 +105,8 @@ class SophiaG(Optimizer):
             group.setdefault("bs", 5120)
             group.setdefault("maximize", False)
         self.__dict__.setdefault("_last_step_stats", {})
+        self.__dict__.setdefault("_scratch", Scratch())
+        self.__dict__.setdefault("compile", False)
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -169,25 +175,35 @@ class SophiaG(Optimizer):
             beta1, _ = group["betas"]
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             scale = rho * (bs if bs is not None else group["bs"])
+            params, grads, exp_avgs, hessians = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SophiaG does not support sparse gradients")
-                grad = -p.grad if group["maximize"] else p.grad
                 state = self._init_state(p)
-                exp_avg, hess = state["exp_avg"], state["hessian"]
                 state["step"] += 1
-                p.mul_(1 - lr * wd)
-                exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-                ratio = (exp_avg.abs() / ((scale * hess).clamp_(min=0).add_(_DENOM_EPS))).clamp_(max=1)
+                params.append(p)
+                grads.append(-p.grad if group["maximize"] else p.grad)
+                exp_avgs.append(state["exp_avg"])
+                hessians.append(state["hessian"])
+            if not params:
+                continue
+            if self.compile and not collect_stats:
+                ref = params[0]
+                args = (scalar(lr, ref), scalar(wd, ref), scalar(scale, ref), beta1)
+                if SOPHIA_G_COMPILED(params, grads, exp_avgs, hessians, *args):
+                    continue
+            for p, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):
+                ratio = sophia_g_eager(
+                    p, grad, exp_avg, hess, lr=lr, wd=wd, beta1=beta1, scale=scale, scratch=self._scratch
+                )
                 if collect_stats:
-                    kept = (ratio < 1).sum()
+                    kept = (ratio.abs() < 1).sum()
                     sq = ratio.square().sum()
                     n_kept = kept if n_kept is None else n_kept + kept
                     sq_sum = sq if sq_sum is None else sq_sum + sq
                     n_total = p.numel() + (n_total or 0)
-                p.addcmul_(exp_avg.sign(), ratio, value=-lr)
         if collect_stats and n_total:
             self._last_step_stats.clear()
             self._last_step_stats["win_rate"] = n_kept.float() / n_total

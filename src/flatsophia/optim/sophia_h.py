@@ -24,6 +24,7 @@ from ._common import (
     check_positive,
     hessian_params,
 )
+from ._kernels import SOPHIA_H_COMPILED, Scratch, scalar, sophia_h_direction
 
 __all__ = ["SophiaH"]
 
@@ -57,6 +58,10 @@ class SophiaH(Optimizer):
         clip_threshold: :math:`c` (default 1.0); ``None`` disables clipping.
         mu_dtype: dtype of the momentum buffer (default: the parameter's); ``torch.bfloat16``
             halves its memory as in the reference experiment.
+        compile: run the step as one ``torch.compile``d kernel per group (fused; the first step
+            compiles; steps with ``collect_stats=True`` and a ``mu_dtype`` other than the
+            parameter's run eagerly). Falls back to the eager step, logging why, where compilation
+            fails. The compiled arithmetic may differ from the eager one in the last bits.
 
     A call sequence ``update_hessian(d); step()`` is one reference update with
     ``update_preconditioner=True``; ``step()`` alone is one with ``False``.
@@ -78,6 +83,7 @@ class SophiaH(Optimizer):
         clip_threshold: float | None = 1.0,
         *,
         mu_dtype: torch.dtype | str | None = None,
+        compile: bool = False,
         **extra_defaults,
     ):
         check_nonneg("learning rate", lr)
@@ -104,10 +110,14 @@ class SophiaH(Optimizer):
         super().__init__(params, defaults)
         # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
         self._last_step_stats: dict[str, torch.Tensor] = {}
+        self._scratch = Scratch()
+        self.compile = bool(compile)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_step_stats", {})
+        self.__dict__.setdefault("_scratch", Scratch())
+        self.__dict__.setdefault("compile", False)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict`` that keeps the state's own dtypes.
@@ -205,15 +215,24 @@ class SophiaH(Optimizer):
             beta1, _ = group["betas"]
             lr, wd, gamma, eps = group["lr"], group["weight_decay"], group["gamma"], group["eps"]
             clip = group["clip_threshold"]
+            params = []
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self._init_state(p, group)
-                exp_avg, hess = state["exp_avg"], state["hessian"]
-                state["step"] += 1
-                bias_correction = 1 - beta1 ** state["step"].item()
+                self._init_state(p, group)["step"] += 1
+                params.append(p)
+            if not params:
+                continue
+            bias_correction = 1 - beta1 ** self.state[params[0]]["step"].item()
+            if self.compile and not collect_stats and self._compiled_group(params, group, bias_correction):
+                continue
+            for p in params:
+                state = self.state[p]
+                exp_avg = state["exp_avg"]
+                if state["step"].item() != self.state[params[0]]["step"].item():  # a param that joined late
+                    bias_correction = 1 - beta1 ** state["step"].item()
                 # As in the reference, the new momentum is formed in the wider of the parameter's
                 # and ``mu_dtype``'s precisions and only stored in ``mu_dtype``; the bias-corrected
                 # value uses the unrounded one (a float32 ``mu_dtype`` under bf16 parameters keeps
@@ -222,8 +241,15 @@ class SophiaH(Optimizer):
                 mu.mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 if mu is not exp_avg:
                     exp_avg.copy_(mu)
-                u = mu.div_(bias_correction) if mu is not exp_avg else mu / bias_correction
-                u.div_((gamma * hess).clamp_(min=eps))
+                u = sophia_h_direction(
+                    mu,
+                    state["hessian"],
+                    bias_correction=bias_correction,
+                    gamma=gamma,
+                    eps=eps,
+                    scratch=self._scratch,
+                    like=p,
+                )
                 if collect_stats:
                     kept = (u.abs() < clip).sum() if clip is not None else torch.tensor(p.numel())
                     n_kept = kept if n_kept is None else n_kept + kept
@@ -244,6 +270,33 @@ class SophiaH(Optimizer):
             self._last_step_stats["win_rate"] = n_kept.float() / n_total
             self._last_step_stats["update_rms"] = (sq_sum / n_total).sqrt()
         return loss
+
+    def _compiled_group(self, params: list, group: dict, bias_correction: float) -> bool:
+        """Run one group's update with the fused compiled kernel; ``False`` if it cannot be used."""
+        states = [self.state[p] for p in params]
+        if any(s["exp_avg"].dtype != p.dtype for s, p in zip(states, params)):
+            return False
+        if len({s["step"].item() for s in states}) != 1:
+            return False
+        masks = [self._direction_divisor(s) for s in states]
+        masks = None if all(m is None for m in masks) else masks
+        if masks is not None and any(m is None for m in masks):
+            return False
+        ref = params[0]
+        return SOPHIA_H_COMPILED(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["hessian"] for s in states],
+            masks,
+            scalar(group["lr"], ref),
+            scalar(group["weight_decay"], ref),
+            scalar(bias_correction, ref),
+            group["betas"][0],
+            group["gamma"],
+            group["eps"],
+            group["clip_threshold"],
+        )
 
     @torch.no_grad()
     def stats(self) -> dict[str, torch.Tensor]:
