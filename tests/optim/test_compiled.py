@@ -7,8 +7,7 @@ import logging
 import pytest
 import torch
 
-from flatsophia.optim import FlatSophia, SophiaG, SophiaH
-from flatsophia.optim import _kernels
+from flatsophia.optim import FlatSophia, SophiaG, SophiaH, _kernels
 
 
 def _run(cls, compile: bool, steps: int = 12):

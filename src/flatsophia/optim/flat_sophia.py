@@ -13,7 +13,11 @@ import torch
 from ._common import check_nonneg
 from .sophia_h import SophiaH
 
-__all__ = ["FlatSophia"]
+__all__ = ["FlatSophia", "MASK_SOURCES"]
+
+#: Where the sharpness mask comes from: the fresh estimate (reference), the Hessian EMA, or a
+#: random draw of the same size (a control: is it *which* coordinates are damped, or damping at all?).
+MASK_SOURCES = ("estimate", "ema", "random")
 
 
 class FlatSophia(SophiaH):
@@ -38,9 +42,11 @@ class FlatSophia(SophiaH):
             and is exactly :class:`~flatsophia.optim.SophiaH`.
         dampening_factor: integer divisor of the damped coordinates' update, in [1, 127]
             (default 10). ``1`` is exactly Sophia-H.
-        mask_source: ``"estimate"`` (default, the reference: the fresh estimate :math:`d`) or
-            ``"ema"`` (the Hessian EMA after the update; a lower-variance variant offered for
-            ablations).
+        mask_source: ``"estimate"`` (default, the reference: the fresh estimate :math:`d`),
+            ``"ema"`` (the Hessian EMA after the update; a lower-variance variant for ablations) or
+            ``"random"`` (a control: the same number of coordinates, chosen uniformly at random at
+            each refresh from a generator seeded by ``mask_seed`` and the step count).
+        mask_seed: seed of the ``"random"`` mask.
         Other arguments: see :class:`~flatsophia.optim.SophiaH`.
 
     The threshold and the comparison follow the reference exactly: :math:`\tau` is the
@@ -63,6 +69,7 @@ class FlatSophia(SophiaH):
         dampening_factor: int = 10,
         *,
         mask_source: str = "estimate",
+        mask_seed: int = 0,
         mu_dtype: torch.dtype | str | None = None,
         compile: bool = False,
     ):
@@ -78,8 +85,8 @@ class FlatSophia(SophiaH):
                 f"Invalid dampening_factor: {dampening_factor!r} (expected an integer in [1, 127]; "
                 "the mask is stored as int8)"
             )
-        if mask_source not in ("estimate", "ema"):
-            raise ValueError(f"Invalid mask_source: {mask_source!r} (expected 'estimate' or 'ema')")
+        if mask_source not in MASK_SOURCES:
+            raise ValueError(f"Invalid mask_source: {mask_source!r} (expected one of {', '.join(MASK_SOURCES)})")
         super().__init__(
             params,
             lr=lr,
@@ -94,6 +101,7 @@ class FlatSophia(SophiaH):
         # Optimizer-wide settings: the mask's threshold is global across all groups.
         self.defaults.update(sharp_fraction=sharp_fraction, dampening_factor=int(dampening_factor))
         self.defaults["mask_source"] = mask_source
+        self.defaults["mask_seed"] = int(mask_seed)
 
     @property
     def _masking(self) -> bool:
@@ -112,8 +120,14 @@ class FlatSophia(SophiaH):
     def _after_hessian_update(self, pairs, groups) -> None:
         if not self._masking or not pairs:
             return
-        if self.defaults["mask_source"] == "ema":
+        source = self.defaults["mask_source"]
+        if source == "ema":
             sources = [(p, self.state[p]["hessian"]) for p, _ in pairs]
+        elif source == "random":
+            # Seeded by the step count, so the draw needs no extra state and resumes exactly.
+            step = int(self.state[pairs[0][0]]["step"].item())
+            g = torch.Generator().manual_seed(self.defaults["mask_seed"] * 1_000_003 + step)
+            sources = [(p, torch.rand(p.shape, generator=g).to(p.device)) for p, _ in pairs]
         else:
             sources = pairs
         n_total = sum(e.numel() for _, e in sources)
