@@ -9,21 +9,17 @@ from _helpers import DumpState, dataset, loader, make_module, trainer
 from flatsophia.optim import OPTIMIZERS
 
 
-class RecordRefresh(torch.nn.Module):
-    pass
-
-
 def _fit(tmp_path, name, steps=None, epochs=None, ds=None, **module_kwargs):
     tmp_path.mkdir(parents=True, exist_ok=True)
     module = make_module(name, **module_kwargs)
     calls = []
-    inner = module._refresh_hessian
+    inner = module._apply_estimates
 
-    def spy(opt, x, y):
+    def spy(opt, estimates):
         calls.append(module.global_step)
-        return inner(opt, x, y)
+        return inner(opt, estimates)
 
-    module._refresh_hessian = spy
+    module._apply_estimates = spy
     kw = {"max_steps": steps} if steps else {"max_epochs": epochs}
     t = trainer(tmp_path, callbacks=[DumpState(str(tmp_path))], **kw)
     t.fit(module, loader(ds or dataset(n=64)))
@@ -51,22 +47,16 @@ def test_accumulation_counts_optimizer_steps_not_batches(tmp_path):
 def test_sophia_g_bs_counts_predictions_per_step(tmp_path):
     module = make_module("sophia_g", accumulate=2)
     seen = []
-    opt_step = None
-
-    class Spy(torch.nn.Module):
-        pass
-
     t = trainer(tmp_path, max_steps=2)
     orig = module._optimizer_step
 
-    def wrapped(opt, x, y, loss, preds):
+    def wrapped(opt, x, y, loss, preds, estimates=None):
         seen.append(preds)
-        return orig(opt, x, y, loss, preds)
+        return orig(opt, x, y, loss, preds, estimates)
 
     module._optimizer_step = wrapped
     t.fit(module, loader(dataset(n=64)))
     assert seen == [16, 16]  # 8 examples x 2 micro-batches x 1 process
-    del opt_step, Spy
 
 
 def test_random_refresh_is_reproducible(tmp_path):
@@ -141,3 +131,18 @@ def test_refresh_does_not_change_the_step_gradient(tmp_path):
     module._refresh_hessian(Wrap(), x, y)
     for b, p in zip(before, module.net.parameters()):
         assert torch.equal(b, p.grad)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate):
+    """Sharing the training forward with the Hutchinson refresh changes nothing but the cost."""
+    fused_module, _, fused_calls, fused = _fit(tmp_path / "f", "flat_sophia", steps=9, accumulate=accumulate)
+    assert fused_calls == [0, 3, 6]
+    module = make_module("flat_sophia", accumulate=accumulate)
+    module._can_fuse_refresh = lambda: False
+    t = trainer(tmp_path / "s", callbacks=[DumpState(str(tmp_path))], max_steps=9)
+    t.fit(module, loader(dataset(n=64)))
+    separate = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert module.hessian_refreshes == fused_module.hessian_refreshes == 3
+    for k in fused["params"]:
+        torch.testing.assert_close(fused["params"][k], separate["params"][k], rtol=1e-5, atol=1e-6)

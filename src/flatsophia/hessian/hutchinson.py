@@ -59,6 +59,23 @@ class Hutchinson(HessianEstimator):
         params = list(params)
         with torch.enable_grad(), math_attention(self.math_sdpa):
             loss = loss_fn(forward())
+            return self.from_loss(loss, params)[1]
+
+    def from_loss(
+        self, loss: torch.Tensor, params: Sequence[torch.Tensor]
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Gradients and estimates from an already computed ``loss`` (one forward saved).
+
+        The training loop uses this on a refresh step to take the training gradient and the
+        Hessian-vector products from the same forward pass. The forward must have run with
+        gradients enabled (and, for attention, under :func:`~flatsophia.hessian.base.math_attention`).
+
+        Returns:
+            ``(grads, estimates)``: the detached gradient of ``loss`` and ``v * (H v)`` per parameter
+            (``None`` where the loss does not reach the parameter).
+        """
+        params = list(params)
+        with torch.enable_grad():
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         out: list[torch.Tensor | None] = [None] * len(params)
@@ -83,4 +100,4 @@ class Hutchinson(HessianEstimator):
         for i, g in enumerate(grads):
             if g is not None and not g.requires_grad:
                 out[i] = torch.zeros_like(params[i])
-        return out
+        return [None if g is None else g.detach() for g in grads], out

@@ -22,6 +22,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flatsophia.hessian import build_estimator
+from flatsophia.hessian.base import math_attention
 from flatsophia.optim.factory import HESSIAN_ESTIMATORS, param_groups, spec_for
 from flatsophia.optim.schedules import SCHEDULES, warmup_decay
 
@@ -216,22 +217,56 @@ class OptimLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         opt = self.optimizers()
-        logits = self.net(x)
-        loss = self.loss_fn(logits, y)
         self._micro += 1
         self._micro_preds += y.numel()
         last = self._micro >= self.accumulate
-        with opt.toggle_model(sync_grad=last):
-            self.manual_backward(loss / self.accumulate)
+        estimates = None
+        if last and self._can_fuse_refresh():
+            loss, estimates = self._backward_with_refresh(opt, x, y)
+        else:
+            loss = self.loss_fn(self.net(x), y)
+            with opt.toggle_model(sync_grad=last):
+                self.manual_backward(loss / self.accumulate)
         self._loss_sum = loss.detach() if self._micro == 1 else self._loss_sum + loss.detach()
         if not last:
             return loss.detach()
         preds = self._micro_preds * self.trainer.world_size
         self._micro = self._micro_preds = 0
-        self._optimizer_step(opt, x, y, self._loss_sum / self.accumulate, preds)
+        self._optimizer_step(opt, x, y, self._loss_sum / self.accumulate, preds, estimates)
         return loss.detach()
 
-    def _optimizer_step(self, opt, x, y, loss, preds: int) -> None:
+    def _can_fuse_refresh(self) -> bool:
+        """Whether this optimizer step's Hutchinson refresh can share the training forward pass.
+
+        Only on one process (under DDP the training gradient must go through DDP's hooks), without
+        fp16 loss scaling, and for the fixed every-k schedule (the random one draws after the
+        non-finite check).
+        """
+        return (
+            self.estimator_name == "hutchinson"
+            and self.hessian_cfg["refresh_prob"] is None
+            and self.global_step % self.hessian_cfg["every_k"] == 0
+            and self.trainer.world_size == 1
+            and str(self.trainer.precision) not in ("16-mixed", "16", "16-true")
+        )
+
+    def _backward_with_refresh(self, opt, x, y):
+        """One forward, the training gradient and the Hutchinson estimate together (saves a pass)."""
+        params = opt.optimizer.hessian_params()
+        with math_attention(self.estimator.math_sdpa):
+            loss = self.loss_fn(self.net(x), y)
+            grads, estimates = self._run_estimator(lambda: self.estimator.from_loss(loss, params))
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            g = g / self.accumulate if self.accumulate > 1 else g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        return loss, estimates
+
+    def _optimizer_step(self, opt, x, y, loss, preds: int, estimates=None) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
         if not torch.isfinite(grad_norm):
@@ -240,7 +275,9 @@ class OptimLitModule(L.LightningModule):
         if self.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         step = self.global_step
-        if self.estimator is not None and self._refresh_due(step):
+        if estimates is not None:
+            self._apply_estimates(opt, estimates)
+        elif self.estimator is not None and self._refresh_due(step):
             self._refresh_hessian(opt, x, y)
         collect = (step + 1) % self.log_stats_every == 0 and hasattr(opt.optimizer, "stats")
         kwargs = {"collect_stats": True} if collect else {}
@@ -289,8 +326,14 @@ class OptimLitModule(L.LightningModule):
 
     def _refresh_hessian(self, opt, x: torch.Tensor, y: torch.Tensor) -> None:
         params = opt.optimizer.hessian_params()
+        estimates = self._run_estimator(
+            lambda: self.estimator(lambda: self.net(x), lambda out: self.loss_fn(out, y), params)
+        )
+        self._apply_estimates(opt, estimates)
+
+    def _run_estimator(self, fn):
         try:
-            estimates = self.estimator(lambda: self.net(x), lambda out: self.loss_fn(out, y), params)
+            return fn()
         except RuntimeError as err:
             if "derivative" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
                 raise RuntimeError(
@@ -299,6 +342,8 @@ class OptimLitModule(L.LightningModule):
                     "use optimizer=adamw or soap with it."
                 ) from err
             raise
+
+    def _apply_estimates(self, opt, estimates) -> None:
         estimates = self._all_reduce_mean(estimates)
         if opt.optimizer.update_hessian(estimates):
             self.hessian_refreshes += 1
