@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable
 
@@ -146,6 +147,7 @@ class OptimLitModule(L.LightningModule):
         self._refresh_rng: torch.Generator | None = None
         self._micro = 0
         self._micro_preds = 0
+        self._window_start = 0.0
         self.nonfinite_skipped = 0
         self.hessian_refreshes = 0
         self.hessian_skipped = 0
@@ -217,6 +219,8 @@ class OptimLitModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         opt = self.optimizers()
+        if self._micro == 0:
+            self._window_start = time.perf_counter()
         self._micro += 1
         self._micro_preds += y.numel()
         last = self._micro >= self.accumulate
@@ -286,6 +290,9 @@ class OptimLitModule(L.LightningModule):
         opt.step(**kwargs)
         opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
+        # Compute time of this optimizer step (forward/backward of its micro-batches, refresh, step);
+        # data loading and validation are not included.
+        self.log("time/step_ms", (time.perf_counter() - self._window_start) * 1e3, on_step=True, on_epoch=False)
 
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/grad_norm", grad_norm, on_step=True, on_epoch=False)
