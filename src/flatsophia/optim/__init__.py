@@ -7,6 +7,7 @@ Each optimizer of the Sophia family has ``hessian_estimator`` (``"gnb"`` or ``"h
 
 from .factory import ALIASES, OPTIMIZERS, OptimizerSpec, create_optimizer, get_spec, param_groups, spec_for
 from .flat_sophia import FlatSophia
+from .soap import SOAP
 from .sophia_g import SophiaG
 from .sophia_h import SophiaH
 
@@ -14,6 +15,7 @@ __all__ = [
     "SophiaG",
     "SophiaH",
     "FlatSophia",
+    "SOAP",
     "OPTIMIZERS",
     "ALIASES",
     "OptimizerSpec",
