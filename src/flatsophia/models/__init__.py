@@ -1,0 +1,1 @@
+"""Networks of the template; plain ``nn.Module``s live in :mod:`flatsophia.models.components`."""

@@ -1,0 +1,182 @@
+"""``train(cfg)`` and ``evaluate(cfg)``: plain functions, called by ``src/train.py``/``src/eval.py`` and the tests.
+
+Both take the composed Hydra config (``conf/train.yaml`` / ``conf/eval.yaml``), build everything with
+``hydra.utils.instantiate`` and return ``(metrics, objects)``: the logged metrics as floats and the
+built objects (``cfg``, ``datamodule``, ``model``, ``callbacks``, ``logger``, ``trainer``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flatsophia.config_checks import validate_config
+from flatsophia.utils import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_hyperparameters,
+    task_wrapper,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["train", "evaluate", "check_trainer_config", "load_checkpoint", "build_module"]
+
+#: Trainer options that Lightning rejects under manual optimization, and what to use instead.
+_MANUAL_OPT_REPLACEMENTS = {
+    "gradient_clip_val": "module.grad_clip={value}",
+    "gradient_clip_algorithm": "module.grad_clip (the module always clips the global L2 norm)",
+    "accumulate_grad_batches": "module.accumulate={value}",
+}
+
+
+def check_trainer_config(trainer_cfg: DictConfig) -> None:
+    """Reject Trainer options that conflict with the module's manual optimization."""
+    for key, instead in _MANUAL_OPT_REPLACEMENTS.items():
+        value = trainer_cfg.get(key)
+        if value is None or (key == "accumulate_grad_batches" and value == 1):
+            continue
+        raise ValueError(
+            f"trainer.{key}={value!r} is not supported: OptimLitModule uses manual optimization, where "
+            f"Lightning refuses it. Remove trainer.{key} and use {instead.format(value=value)} instead."
+        )
+
+
+def _to_container(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_module(cfg: DictConfig, datamodule: L.LightningDataModule, **overrides) -> L.LightningModule:
+    """The LightningModule of ``cfg.module`` with the network, optimizer factory, schedule and Hessian blocks.
+
+    ``task`` and ``num_classes`` come from the datamodule; ``overrides`` replace ``cfg.module`` keys.
+    """
+    kwargs = _to_container(cfg.get("module")) or {}
+    target = kwargs.pop("_target_", "flatsophia.modules.optim_module.OptimLitModule")
+    kwargs.update(overrides)
+    cls = hydra.utils.get_class(target)
+    log.info("Instantiating model <%s>", cfg.model.get("_target_"))
+    net = hydra.utils.instantiate(cfg.model)
+    optimizer = hydra.utils.instantiate(cfg.optimizer)
+    log.info("Instantiating module <%s> with optimizer <%s>", target, cfg.optimizer.get("_target_"))
+    return cls(
+        net=net,
+        optimizer=optimizer,
+        scheduler=_to_container(cfg.get("scheduler")),
+        hessian=_to_container(cfg.get("hessian")),
+        task=datamodule.task,
+        num_classes=datamodule.num_classes,
+        **kwargs,
+    )
+
+
+def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
+    check_trainer_config(cfg.trainer)
+    validate_config(cfg)  # every bad value named before anything is built
+    threads = cfg.get("torch_num_threads")
+    if threads:
+        torch.set_num_threads(int(threads))
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = build_module(cfg, datamodule, **module_overrides)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    log.info("Instantiating trainer <%s>", cfg.trainer._target_)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    objects = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "model": model,
+        "callbacks": callbacks,
+        "logger": loggers,
+        "trainer": trainer,
+    }
+    if loggers:
+        log_hyperparameters(objects)
+    return objects
+
+
+def _metrics(trainer: L.Trainer) -> dict[str, float]:
+    out = {}
+    for key, value in trainer.callback_metrics.items():
+        out[key] = float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+    return out
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fit on the train split (validating on val), then test the best checkpoint.
+
+    Config keys read: ``seed``, ``data``, ``model``, ``optimizer``, ``scheduler``, ``hessian``,
+    ``module``, ``callbacks``, ``logger``, ``trainer``, ``train``, ``test``, ``ckpt_path`` (resume).
+    """
+    objects = _build_common(cfg)
+    trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        ckpt_path = cfg.get("ckpt_path")
+        if ckpt_path:
+            load_checkpoint(ckpt_path)  # clear error before Lightning's
+            log.info("Resuming from %s", ckpt_path)
+        log.info("Starting training")
+        # Our checkpoints hold the optimizer factory and RNG states, not only tensors.
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+        metrics.update(_metrics(trainer))
+    if cfg.get("test", False):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best or not Path(best).exists():
+            log.warning("No best checkpoint found; testing the current weights")
+            best = None
+        else:
+            log.info("Testing the best checkpoint %s", best)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False if best else None)
+        metrics.update(_metrics(trainer))
+    return metrics, objects
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Load a Lightning checkpoint on the CPU, with a clear error if it is missing or unreadable."""
+    p = Path(str(path))
+    if not p.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {p} (ckpt_path={str(path)!r})")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"Checkpoint {p} is corrupt or not a PyTorch checkpoint: {err}") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise ValueError(f"Checkpoint {p} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return ckpt
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Test the checkpoint ``cfg.ckpt_path`` on the test split of ``cfg.data``.
+
+    ``model`` and ``data`` must match the training run (see that run's ``.hydra/config.yaml``);
+    the optimizer name is taken from the checkpoint.
+    """
+    if not cfg.get("ckpt_path"):
+        raise ValueError("ckpt_path is required: python src/eval.py ckpt_path=/path/to/run/checkpoints/last.ckpt")
+    ckpt = load_checkpoint(cfg.ckpt_path)
+    saved = (ckpt.get("flatsophia") or {}).get("optimizer_name")
+    objects = _build_common(cfg, **({"optimizer_name": saved} if saved else {}))
+    trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise ValueError(
+            f"Checkpoint {cfg.ckpt_path} does not fit the configured model ({cfg.model._target_}); pass the "
+            f"same model=... and model.* overrides as in training (see the run's .hydra/config.yaml). {err}"
+        ) from err
+    del ckpt
+    log.info("Testing checkpoint %s", cfg.ckpt_path)
+    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+    return _metrics(trainer), objects

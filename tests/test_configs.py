@@ -1,0 +1,227 @@
+"""Every config composes and resolves; models instantiate on every dataset they fit and return logits."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from flatsophia.optim import ALIASES, OPTIMIZERS, param_groups
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = [
+    "data",
+    "model",
+    "optimizer",
+    "hessian",
+    "scheduler",
+    "trainer",
+    "logger",
+    "callbacks",
+    "debug",
+    "paths",
+    "extras",
+    "experiment",
+]
+HAS_OPTUNA_SWEEPER = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def resolved(cfg) -> dict:
+    """The config without the hydra node, with every interpolation resolved."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+
+
+#: A partner choice that the option needs (model configs read keys of their kind of data).
+PARTNER = {
+    ("data", "charlm"): "model=gpt",
+    ("data", "tinyshakespeare"): "model=gpt",
+    ("data", "digits"): "model=mlp",
+    ("data", "cifar10"): "model=vit",
+    ("data", "cifar100"): "model=resnet",
+    ("model", "gpt"): "data=charlm",
+    ("model", "vit"): "data=digits",
+    ("model", "resnet"): "data=cifar10",
+}
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+def test_group_option_composes(make_cfg, group, option):
+    partner = [PARTNER[group, option]] if (group, option) in PARTNER else []
+    cfg = make_cfg([f"{group}={option}", *partner], tiny=False)
+    out = resolved(cfg)
+    assert out["task_name"]
+    if group == "optimizer":
+        assert out["module"]["optimizer_name"] == option
+
+
+@pytest.mark.parametrize("option", options("hydra/launcher"))
+def test_launcher_composes(make_cfg, option):
+    cfg = make_cfg([f"hydra/launcher={option}"], tiny=False)
+    assert "_target_" in cfg.hydra.launcher
+    OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+
+
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_hparams_search(make_cfg, option):
+    raw = yaml.safe_load((CONF_DIR / "hparams_search" / f"{option}.yaml").read_text())
+    assert raw["hydra"]["sweeper"]["params"]["optimizer.lr"].startswith("tag(log")
+    if not HAS_OPTUNA_SWEEPER:
+        pytest.skip("hydra-optuna-sweeper is not installed (pip install hydra-optuna-sweeper)")
+    cfg = make_cfg([f"hparams_search={option}"], tiny=False)
+    assert cfg.optimized_metric == "val/loss"
+
+
+def test_eval_config_composes(cfg_eval):
+    out = resolved(cfg_eval)
+    assert out["ckpt_path"] is None and out["task_name"] == "eval"
+
+
+#: Optimizers each experiment is meant to compare (its optimizer keys exist in all of them).
+SWAPPABLE = {"flat_sophia_cifar10": ("sophia_h", "flat_sophia")}
+
+
+def test_experiments_swap_optimizers(make_cfg):
+    """Experiments set only optimizer keys that the compared optimizers share."""
+    for experiment in options("experiment"):
+        for name in SWAPPABLE.get(experiment, tuple(OPTIMIZERS)):
+            cfg = make_cfg([f"experiment={experiment}", f"optimizer={name}"], tiny=False)
+            factory = hydra.utils.instantiate(cfg.optimizer)
+            factory([torch.nn.Parameter(torch.zeros(3, 3))])
+
+
+def test_reference_experiment_values(make_cfg):
+    cfg = make_cfg(["experiment=flat_sophia_cifar10"], tiny=False)
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == (512, 100)
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.model.num_heads) == (4, 512, 8)
+    assert cfg.model.drop_rate == 0.0
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (3e-3, 0.3)
+    assert (cfg.optimizer.sharp_fraction, cfg.optimizer.dampening_factor) == (0.2, 10)
+    assert (cfg.scheduler.name, cfg.scheduler.warmup_steps, cfg.scheduler.min_lr_ratio) == ("linear", 512, 0.0)
+    assert cfg.module.weight_decay_rule == "matrices"
+    assert cfg.hessian.refresh_prob == 0.1
+
+
+def test_every_registered_optimizer_has_a_config():
+    names = set(options("optimizer"))
+    assert set(OPTIMIZERS) <= names
+    assert names - set(OPTIMIZERS) <= set(ALIASES)
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_optimizer_configs_build_with_param_groups(make_cfg, name):
+    cfg = make_cfg([f"optimizer={name}"], tiny=False)
+    assert cfg.optimizer._partial_ is True
+    factory = hydra.utils.instantiate(cfg.optimizer)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
+    opt = factory(param_groups(net, decay="matrices"))
+    spec = OPTIMIZERS[ALIASES.get(name, name)]
+    assert isinstance(opt, spec.cls)
+    # every key of the YAML is an argument of the class (no silently ignored knobs)
+    params = inspect.signature(spec.cls.__init__).parameters
+    for key in cfg.optimizer:
+        if not key.startswith("_"):
+            assert key in params, f"optimizer/{name}.yaml sets {key!r}, which {spec.cls.__name__} does not take"
+
+
+def test_no_config_sets_lightning_clipping_or_accumulation():
+    for path in CONF_DIR.rglob("*.yaml"):
+        text = path.read_text()
+        for key in ("gradient_clip_val", "accumulate_grad_batches"):
+            assert f"{key}:" not in text, f"{path} sets trainer.{key}; use module.grad_clip / module.accumulate"
+
+
+def test_wandb_offline_without_credentials(make_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = make_cfg(["logger=wandb", "experiment=flat_sophia_overfit"], tiny=False)
+    assert cfg.logger.wandb.offline is True
+    assert cfg.logger.wandb.group == "flat_sophia_overfit"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert cfg.logger.wandb.offline is False
+
+
+def test_run_dirs_have_sub_second_stamps(make_cfg):
+    cfg = make_cfg(tiny=False)
+    assert "%f" in OmegaConf.to_container(cfg.hydra.run)["dir"]
+    assert "%f" in OmegaConf.to_container(cfg.hydra.sweep)["dir"]
+
+
+# Model x data combinations that fit (input kind and task). CIFAR files are never downloaded here:
+# their models get random inputs of the data config's declared shape.
+COMBOS = [
+    ("vit1d", "mnist1d"),
+    ("mlp", "mnist1d"),
+    ("mlp", "digits"),
+    ("mlp", "cifar10"),
+    ("vit", "digits"),
+    ("vit", "cifar10"),
+    ("vit", "cifar100"),
+    ("resnet", "digits"),
+    ("resnet", "cifar100"),
+    ("gpt", "charlm"),
+    ("gpt", "tinyshakespeare"),
+]
+SMALL = {
+    "vit": ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"],
+    "gpt": ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.max_chars=20000", "data.block_size=32"],
+}
+LOADABLE = {"mnist1d", "digits", "charlm"}
+
+
+@pytest.mark.parametrize(("model", "data"), COMBOS)
+def test_model_data_forward(make_cfg, model, data):
+    over = [f"model={model}", f"data={data}", *SMALL.get(model, [])]
+    if data == "mnist1d":
+        over += ["data.num_samples=1000", "data.n_val=200"]
+    cfg = make_cfg(over, tiny=False)
+    dm = hydra.utils.instantiate(cfg.data)
+    net = hydra.utils.instantiate(cfg.model)
+    if data in LOADABLE:
+        dm.prepare_data()
+        dm.setup("fit")
+        x, y = next(iter(dm.train_dataloader()))
+    elif dm.task == "lm":
+        x = torch.randint(0, dm.num_classes, (2, *dm.input_shape))
+    else:
+        x = torch.randn(2, *dm.input_shape)
+    logits = net(x)
+    if dm.task == "lm":
+        assert logits.shape == (*x.shape, dm.num_classes)
+    else:
+        assert logits.shape == (len(x), dm.num_classes)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("option", options("callbacks"))
+def test_callbacks_instantiate(make_cfg, option):
+    from flatsophia.utils import instantiate_callbacks
+
+    callbacks = instantiate_callbacks(make_cfg([f"callbacks={option}"], tiny=False).callbacks)
+    names = {type(c).__name__ for c in callbacks}
+    if option == "none":
+        assert not callbacks
+    if option in ("default", "early_stopping", "sharpness"):
+        assert {"ModelCheckpoint", "LearningRateMonitor"} <= names
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_loggers_instantiate(make_cfg, option, monkeypatch):
+    from flatsophia.utils import instantiate_loggers
+
+    if option == "tensorboard" and not (
+        importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+    ):
+        pytest.skip("tensorboard is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    loggers = instantiate_loggers(make_cfg([f"logger={option}"], tiny=False).get("logger"))
+    assert (len(loggers) == 0) == (option == "none")

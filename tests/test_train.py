@@ -1,0 +1,211 @@
+"""End-to-end training through the Hydra configs and flatsophia.training (in-process where possible)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from flatsophia.optim import OPTIMIZERS
+from flatsophia.training import evaluate, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_DEFAULT = ["data.num_samples=1000", "data.n_val=200", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
+
+#: One small member of each model family, on data it fits.
+FAMILIES = {
+    "vit1d": [
+        "data=mnist1d",
+        "data.num_samples=1000",
+        "data.n_val=200",
+        "model=vit1d",
+        "model.embed_dim=16",
+        "model.depth=1",
+        "model.num_heads=2",
+    ],
+    "mlp": ["data=mnist1d", "data.num_samples=1000", "data.n_val=200", "model=mlp", "model.hidden_sizes=[16]"],
+    "vit": ["data=digits", "model=vit", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"],
+    "resnet": ["data=digits", "model=resnet", "model.name=resnet18"],
+    "gpt": [
+        "data=charlm",
+        "data.max_chars=20000",
+        "data.block_size=32",
+        "model=gpt",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "model.n_head=2",
+    ],
+}
+
+
+def finite(metrics: dict, *keys: str) -> None:
+    for key in keys:
+        assert key in metrics, f"{key} missing from {sorted(metrics)}"
+        assert math.isfinite(metrics[key]), f"{key} = {metrics[key]}"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_fast_dev_run(make_cfg, optimizer, family):
+    cfg = make_cfg([f"optimizer={optimizer}", *FAMILIES[family], "debug=fast_dev_run"], tiny="run")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 1
+    assert type(objects["model"].optimizers().optimizer) is OPTIMIZERS[optimizer].cls
+    finite(metrics, "val/loss", "test/loss")
+    finite(metrics, "val/ppl" if family == "gpt" else "val/acc")
+
+
+def test_default_config_trains_and_learns(make_cfg):
+    cfg = make_cfg(["trainer.max_epochs=3", "++trainer.limit_train_batches=20", "optimizer=adamw", "optimizer.lr=3e-3"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 60
+    finite(metrics, "train/loss_epoch", "val/loss", "val/acc", "val/loss_best", "test/loss", "test/acc")
+    assert metrics["val/loss"] < math.log(10)  # better than chance
+
+
+def test_trainer_clipping_and_accumulation_rejected(make_cfg):
+    with pytest.raises(ValueError, match=r"module\.grad_clip"):
+        train(make_cfg(["+trainer.gradient_clip_val=0.5"]))
+    with pytest.raises(ValueError, match=r"module\.accumulate"):
+        train(make_cfg(["+trainer.accumulate_grad_batches=4"]))
+
+
+def test_hessian_choice_must_fit_the_optimizer(make_cfg):
+    _, objects = train(make_cfg(["optimizer=sophia_g", "hessian=gnb", "test=false"]))
+    assert objects["model"].estimator_name == "gnb"
+    with pytest.raises(ValueError, match="does not fit"):
+        train(make_cfg(["optimizer=flat_sophia", "hessian=gnb"]))
+
+
+def test_module_accumulate(make_cfg):
+    cfg = make_cfg(["module.accumulate=3", "++trainer.limit_train_batches=6", "optimizer=sophia_g"])
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 2
+
+
+def checkpoint_run(make_cfg, *overrides):
+    """Tiny run with the default callbacks (checkpointing) and the CSV logger."""
+    return make_cfg(
+        ["callbacks=default", "logger=csv", "callbacks.progress_bar=null", "callbacks.model_summary=null", *overrides]
+    )
+
+
+def test_resume_from_checkpoint(make_cfg, tmp_path):
+    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=1")
+    _, objects = train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert last.is_file() and objects["trainer"].global_step == 3
+    opt_state = objects["model"].optimizers().optimizer.state_dict()
+    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=2", f"ckpt_path={last}")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 6  # 3 restored + 3 new optimizer steps
+    resumed = objects["model"].optimizers().optimizer.state_dict()
+    assert len(resumed["state"]) == len(opt_state["state"])
+    finite(metrics, "val/loss", "test/loss")
+
+
+def test_resume_missing_checkpoint(make_cfg):
+    with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
+        train(make_cfg(["ckpt_path=/no/such/file.ckpt"]))
+
+
+def test_train_then_eval_agree(make_cfg):
+    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=2", "optimizer=sophia_h")
+    train_metrics, objects = train(cfg)
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    assert best and Path(best).is_file()
+    cfg_eval = make_cfg([f"ckpt_path={best}"], config_name="eval")
+    eval_metrics, eval_objects = evaluate(cfg_eval)
+    assert eval_objects["model"].optimizer_name == "sophia_h"  # taken from the checkpoint
+    for key in ("test/loss", "test/acc"):
+        assert eval_metrics[key] == pytest.approx(train_metrics[key], abs=1e-6)
+
+
+def test_eval_errors(make_cfg, tmp_path):
+    with pytest.raises(ValueError, match="ckpt_path is required"):
+        evaluate(make_cfg(config_name="eval"))
+    with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
+        evaluate(make_cfg(["ckpt_path=/no/such/file.ckpt"], config_name="eval"))
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        evaluate(make_cfg([f"ckpt_path={bad}"], config_name="eval"))
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"weights": torch.zeros(1)}, plain)
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        evaluate(make_cfg([f"ckpt_path={plain}"], config_name="eval"))
+
+
+@pytest.mark.slow
+def test_ddp_sim(make_cfg):
+    """Two CPU processes (ddp_spawn); FlatSophia's Hessian estimates are averaged across ranks."""
+    cfg = make_cfg(["trainer=ddp_sim", "optimizer=flat_sophia", "hessian.every_k=1", "test=false"])
+    metrics, objects = train(cfg)
+    assert objects["trainer"].world_size == 2
+    finite(metrics, "val/loss")
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_is_finished(make_cfg, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics, _ = train(make_cfg(["logger=wandb"]))
+    assert wandb.run is None  # finished, so a following multirun job starts its own run
+    finite(metrics, "val/loss")
+
+
+@pytest.mark.slow
+def test_eval_cli(make_cfg, data_dir):
+    """src/eval.py on a checkpoint written by an in-process training run."""
+    cfg = checkpoint_run(make_cfg, "test=false")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    cmd = [
+        sys.executable,
+        "src/eval.py",
+        f"ckpt_path={last}",
+        *TINY_DEFAULT,
+        "extras.print_config=false",
+        f"paths.log_dir={cfg.paths.output_dir}",
+        f"paths.data_dir={data_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Test metrics:" in result.stdout and "test/acc" in result.stdout
+
+
+@pytest.mark.slow
+def test_multirun_joblib(tmp_path, data_dir):
+    """The CLI: a 2-job multirun with the joblib launcher writes one sweep folder with both jobs."""
+    cmd = [
+        sys.executable,
+        "src/train.py",
+        "-m",
+        "hydra/launcher=joblib",
+        "optimizer=adamw,sophia_g",
+        "debug=fast_dev_run",
+        "data.num_samples=1000",
+        "data.n_val=200",
+        "model.embed_dim=16",
+        "model.depth=1",
+        "model.num_heads=2",
+        "extras.print_config=false",
+        f"paths.log_dir={tmp_path}",
+        f"paths.data_dir={data_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweeps = list((tmp_path / "debug" / "multiruns").iterdir())
+    assert len(sweeps) == 1, sweeps
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
+    assert jobs == ["0", "1"]
+    assert result.stdout.count("Final metrics:") == 2
