@@ -98,3 +98,14 @@ def cfg_train(make_cfg) -> DictConfig:
 def cfg_eval(make_cfg) -> DictConfig:
     """``conf/eval.yaml`` with the tiny settings of :data:`TINY` and :data:`TINY_DEFAULT` (``ckpt_path`` unset)."""
     return make_cfg(config_name="eval")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny-tensor tests (much faster than two on a busy 2-core machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

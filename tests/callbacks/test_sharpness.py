@@ -21,14 +21,7 @@ from flatsophia.callbacks import SharpnessCallback, hessian_top_eig_and_trace
 from flatsophia.modules import OptimLitModule
 from flatsophia.optim import get_spec
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: threads only add contention (CI machines are small and busy).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data(n=48, seed=0, dtype=torch.float64):

@@ -20,12 +20,7 @@ from flatsophia.hessian import GaussNewtonBartlett, Hutchinson
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _labels_from_logit_grad(grad: torch.Tensor, logits: torch.Tensor, n: int) -> torch.Tensor:

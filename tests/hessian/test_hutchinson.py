@@ -15,15 +15,10 @@ from flatsophia.hessian import GaussNewtonBartlett, Hutchinson, build_estimator
 
 F64 = torch.float64
 # torch.func.hessian's first call goes through torch.jit internals that warn about their own deprecation.
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning"),
+]
 
 
 class TinyMLP(nn.Module):
@@ -163,10 +158,7 @@ def test_through_scaled_dot_product_attention():
     params = list(model.parameters())
     est, twin = Hutchinson(seed=3), Hutchinson(seed=3)
     d = est(lambda: model(x), loss_fn, params)
-    assert all(
-        e is not None and e.shape == p.shape and torch.isfinite(e).all()
-        for e, p in zip(d, params, strict=True)
-    )
+    assert all(e is not None and e.shape == p.shape and torch.isfinite(e).all() for e, p in zip(d, params, strict=True))
     # Independent check: v * (H v) from the exact Hessian (torch.func, math kernel).
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -28,12 +28,7 @@ from flatsophia.optim import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _p(*shape, dtype=torch.float32):
@@ -121,9 +116,7 @@ def _family_cases(n_cases: int):
     rng = random.Random(1234)
     for case in range(n_cases):
         cls = (SophiaG, SophiaH, FlatSophia)[case % 3]
-        shapes = [
-            tuple(rng.randint(1, 5) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))
-        ]
+        shapes = [tuple(rng.randint(1, 5) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 3))]
         hyper = {
             "lr": 10 ** rng.uniform(-4, 0),
             "weight_decay": rng.choice([0.0, 10 ** rng.uniform(-3, 0)]),

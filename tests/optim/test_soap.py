@@ -15,14 +15,7 @@ from torch import nn
 from flatsophia.optim import SOAP, create_optimizer, get_spec
 from flatsophia.optim.soap import merged_shape
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _step(opt: torch.optim.Optimizer, params, grads) -> None:

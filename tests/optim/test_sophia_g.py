@@ -14,14 +14,7 @@ from torch import nn
 
 from flatsophia.optim import SophiaG
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_cls():
@@ -137,10 +130,7 @@ def test_parity_with_sophia_opt(dtype, bs_mode):
     gen = torch.Generator().manual_seed(1)
     win_rates: list[float] = []
     worst_p, worst_s = _train(ours, ref, m_ours, m_ref, gen, dtype, 0, 60, bs, bs_mode, win_rates)
-    print(
-        f"\n[SophiaG parity {dtype} bs={bs_mode}] 60 steps: "
-        f"max|dparam|={worst_p:.3e} max|dstate|={worst_s:.3e}"
-    )
+    print(f"\n[SophiaG parity {dtype} bs={bs_mode}] 60 steps: max|dparam|={worst_p:.3e} max|dstate|={worst_s:.3e}")
     # The first 9 steps run with h = 0 (all clipped); afterwards both regimes must be exercised.
     assert win_rates[0] == 0.0
     assert 0.05 < max(win_rates[10:]) and min(win_rates[10:]) < 0.95

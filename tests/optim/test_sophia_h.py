@@ -14,12 +14,7 @@ from flatsophia.optim import FlatSophia, SophiaH
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- hand-computed steps
@@ -39,9 +34,7 @@ def test_flat_sophia_hand_computed_float64():
     wds = [0.1, 0.0, 0.0]
     init = [[0.5, -1.0, 2.0, 0.25, -0.75, 1.5], [0.1, -0.2, 0.3], [1.0]]
     shapes = [(2, 3), (3,), (1,)]
-    params = [
-        torch.tensor(v, dtype=F64).reshape(s).requires_grad_() for v, s in zip(init, shapes, strict=True)
-    ]
+    params = [torch.tensor(v, dtype=F64).reshape(s).requires_grad_() for v, s in zip(init, shapes, strict=True)]
     opt = FlatSophia(
         [{"params": [params[0]], "weight_decay": wds[0]}, {"params": params[1:], "weight_decay": 0.0}],
         lr=lr,
@@ -72,13 +65,8 @@ def test_flat_sophia_hand_computed_float64():
     for t, g in enumerate(grads, start=1):
         if t - 1 in estimates:
             d = estimates[t - 1]
-            assert opt.update_hessian(
-                [torch.tensor(v, dtype=F64).reshape(s) for v, s in zip(d, shapes, strict=True)]
-            )
-            nu = [
-                [b2 * n + (1 - b2) * e for n, e in zip(nt, dt, strict=True)]
-                for nt, dt in zip(nu, d, strict=True)
-            ]
+            assert opt.update_hessian([torch.tensor(v, dtype=F64).reshape(s) for v, s in zip(d, shapes, strict=True)])
+            nu = [[b2 * n + (1 - b2) * e for n, e in zip(nt, dt, strict=True)] for nt, dt in zip(nu, d, strict=True)]
             new_mask = _expected_mask(d, sf, damp)
             if t > 1:
                 assert new_mask != mask  # the second refresh moves the mask
@@ -101,15 +89,9 @@ def test_flat_sophia_hand_computed_float64():
                 theta[j][i] = theta[j][i] - lr * (u / mask[j][i] + wds[j] * theta[j][i])
         for j, (p, s) in enumerate(zip(params, shapes, strict=True)):
             st = opt.state[p]
-            torch.testing.assert_close(
-                p.detach(), torch.tensor(theta[j], dtype=F64).reshape(s), rtol=1e-13, atol=1e-14
-            )
-            torch.testing.assert_close(
-                st["exp_avg"], torch.tensor(mu[j], dtype=F64).reshape(s), rtol=1e-13, atol=1e-15
-            )
-            torch.testing.assert_close(
-                st["hessian"], torch.tensor(nu[j], dtype=F64).reshape(s), rtol=1e-13, atol=1e-15
-            )
+            torch.testing.assert_close(p.detach(), torch.tensor(theta[j], dtype=F64).reshape(s), rtol=1e-13, atol=1e-14)
+            torch.testing.assert_close(st["exp_avg"], torch.tensor(mu[j], dtype=F64).reshape(s), rtol=1e-13, atol=1e-15)
+            torch.testing.assert_close(st["hessian"], torch.tensor(nu[j], dtype=F64).reshape(s), rtol=1e-13, atol=1e-15)
             assert st["mask"].dtype == torch.int8
             assert st["mask"].flatten().tolist() == mask[j]
             assert st["step"].item() == t
@@ -247,11 +229,7 @@ def _ref_step(
 ):
     """scale_by_sophia_h -> add_decayed_weights -> scale_by_learning_rate, on lists of tensors."""
     d = [h * v for h, v in zip(hvp, vector, strict=True)]
-    nu = (
-        [(1 - b2) * e + b2 * n for e, n in zip(d, state["nu"], strict=True)]
-        if update_preconditioner
-        else state["nu"]
-    )
+    nu = [(1 - b2) * e + b2 * n for e, n in zip(d, state["nu"], strict=True)] if update_preconditioner else state["nu"]
     count = state["count"] + 1
     mu = [(1 - b1) * g + b1 * m for g, m in zip(grads, state["mu"], strict=True)]
     mu_hat = [m / (1 - b1**count) for m in mu]
@@ -372,9 +350,7 @@ def test_mu_dtype_bfloat16(mu_dtype):
         assert fa.state[a]["exp_avg"].dtype == torch.bfloat16
         assert fa.state[a]["hessian"].dtype == torch.float32
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(
-            fa.state[a]["exp_avg"].float(), fb.state[b]["exp_avg"], rtol=2e-2, atol=1e-3
-        )
+        torch.testing.assert_close(fa.state[a]["exp_avg"].float(), fb.state[b]["exp_avg"], rtol=2e-2, atol=1e-3)
         torch.testing.assert_close(a, b, rtol=0, atol=6 * lr * 0.05)
         assert not torch.equal(a, b)  # the bf16 buffer does change something
 

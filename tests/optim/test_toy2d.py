@@ -66,9 +66,7 @@ def test_gd_is_slow_along_the_flat_direction():
     x, y = traj[-1].tolist()
     assert abs(x - 1) < 1e-3  # the sharp direction has converged ...
     assert abs(y - 4) > 1.0  # ... the flat one has not: (1 - lr)^40 of the way is left
-    assert y == pytest.approx(
-        4 - (4 - toy2d.DEFAULT_START[1]) * (1 - toy2d.GD_KWARGS["lr"]) ** toy2d.DEFAULT_STEPS
-    )
+    assert y == pytest.approx(4 - (4 - toy2d.DEFAULT_START[1]) * (1 - toy2d.GD_KWARGS["lr"]) ** toy2d.DEFAULT_STEPS)
     # A step size that would fix y is unstable in x: lr > 2 / L1''(1) diverges.
     assert 2 / toy2d.hessian_diag(toy2d.GLOBAL_MIN)[0].item() < 0.03
     diverged = toy2d.gd(steps=30, lr=0.03)

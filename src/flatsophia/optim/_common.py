@@ -80,3 +80,15 @@ def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     if not flags:
         return True
     return bool(torch.stack(flags).all())
+
+
+def hessian_ema_stats(states) -> dict[str, torch.Tensor]:
+    """``hessian_mean`` and ``hessian_neg_frac`` over the ``"hessian"`` buffers of optimizer states."""
+    hs = [s["hessian"] for s in states if "hessian" in s]
+    if not hs:
+        return {}
+    n = sum(h.numel() for h in hs)
+    return {
+        "hessian_mean": sum(h.float().sum() for h in hs) / n,
+        "hessian_neg_frac": sum((h < 0).sum() for h in hs).float() / n,
+    }

@@ -22,6 +22,7 @@ from ._common import (
     check_estimates,
     check_nonneg,
     check_positive,
+    hessian_ema_stats,
     hessian_params,
 )
 from ._kernels import SOPHIA_H_COMPILED, Scratch, scalar, sophia_h_direction
@@ -305,13 +306,7 @@ class SophiaH(Optimizer):
         ``win_rate`` and ``update_rms`` come from the last ``step(collect_stats=True)``;
         ``hessian_mean`` and ``hessian_neg_frac`` describe the current Hessian EMA.
         """
-        out = dict(self._last_step_stats)
-        hs = [s["hessian"] for s in self.state.values() if "hessian" in s]
-        if hs:
-            n = sum(h.numel() for h in hs)
-            out["hessian_mean"] = sum(h.float().sum() for h in hs) / n
-            out["hessian_neg_frac"] = sum((h < 0).sum() for h in hs).float() / n
-        return out
+        return {**self._last_step_stats, **hessian_ema_stats(self.state.values())}
 
 
 def _parse_dtype(name: str) -> torch.dtype:

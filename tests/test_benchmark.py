@@ -1,0 +1,130 @@
+"""The benchmark script runs end to end on a tiny model and reports consistent numbers.
+
+Runs ``scripts/benchmark.py --smoke`` in-process (one thread, no torch.compile, two rounds).
+Timings themselves are not checked (machines differ); their presence and sanity are, and the
+optimizer-state sizes, which are exact:
+
+* state bytes per parameter count every tensor in ``optimizer.state`` with at least one dimension;
+  the 0-d ``step`` counters (4 bytes per parameter *tensor*, not per element) are excluded from the
+  headline figure and reported separately as ``bytes_per_param_incl_scalars``.
+* fp32 SophiaG / SophiaH: exp_avg + hessian = 8 bytes; FlatSophia adds the int8 mask = 9.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("flatsophia_benchmark_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    pytest.importorskip("timm")
+    bench = _load()
+    path = tmp_path_factory.mktemp("bench") / "b.json"
+    res = bench.main(["--smoke", "--quiet", "--json", str(path)])
+    return bench, res, path
+
+
+def _finite_pos(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+OURS_AND_BASELINES = ("adamw_fused", "adamw", "sophia_g", "sophia_h", "flat_sophia")
+
+
+def test_step_rows_for_every_optimizer(smoke):
+    bench, res, _ = smoke
+    step = res["step"]
+    assert set(bench.OPTIMIZERS) <= set(step)
+    for name, variants in step.items():
+        assert set(variants) == {"eager", "compiled"}
+        eager = variants["eager"]
+        if name in OURS_AND_BASELINES:
+            assert eager["status"] == "ok", (name, eager)
+        if eager["status"] != "ok":
+            # only optional third-party / in-progress optimizers may be skipped, and with a reason
+            assert name in ("sophia_opt", "po_soap", "soap") and eager["note"], (name, eager)
+            continue
+        for key in ("median_ms", "min_ms", "max_ms", "ratio_vs_fused_adamw"):
+            assert _finite_pos(eager[key]), (name, key, eager[key])
+        assert eager["min_ms"] <= eager["median_ms"] <= eager["max_ms"]
+        assert eager["iqr_ms"] >= 0 and eager["n"] >= 2
+        # --smoke does not compile; the row says so instead of holding numbers
+        assert variants["compiled"]["status"] == "skipped" and variants["compiled"]["note"]
+    assert step["adamw_fused"]["eager"]["ratio_vs_fused_adamw"] == pytest.approx(1.0)
+
+
+def test_refresh_iteration_hvp_rows(smoke):
+    _, res, _ = smoke
+    for name in ("sophia_g", "sophia_h", "flat_sophia"):
+        for sect in ("refresh", "iteration"):
+            row = res[sect][name]
+            assert row["status"] == "ok", (sect, name, row)
+            assert _finite_pos(row["median_ms"]) and _finite_pos(row["ratio_vs_fused_adamw"]), (sect, name, row)
+    for name in ("adamw_fused", "adamw"):
+        assert _finite_pos(res["iteration"][name]["ratio_vs_fused_adamw"])
+    assert res["iteration"]["adamw_fused"]["ratio_vs_fused_adamw"] == pytest.approx(1.0)
+    hvp = res["hvp"]
+    assert _finite_pos(hvp["rev_over_rev"]["median_ms"]) and _finite_pos(hvp["fwd_over_rev"]["median_ms"])
+    assert hvp["faster"] in ("rev_over_rev", "fwd_over_rev")
+    den = res["denormal"]
+    assert _finite_pos(den["ftz_off"]["median_ms"])
+    assert den["ftz_on"]["status"] in ("ok", "skipped")
+
+
+def test_state_bytes_exact(smoke):
+    _, res, _ = smoke
+    st = res["state"]
+    assert st["sophia_g"]["bytes_per_param"] == 8.0
+    assert st["sophia_h"]["bytes_per_param"] == 8.0
+    assert st["flat_sophia"]["bytes_per_param"] == 9.0
+    assert st["adamw_fused"]["bytes_per_param"] == 8.0
+    # the 0-d step counters are the only difference between the two figures
+    n = res["meta"]["n_params"]
+    n_tensors = res["meta"]["n_tensors"]
+    for name in ("sophia_g", "sophia_h", "flat_sophia"):
+        extra = (st[name]["bytes_per_param_incl_scalars"] - st[name]["bytes_per_param"]) * n
+        assert extra == pytest.approx(4 * n_tensors)
+
+
+def test_memory_and_targets(smoke):
+    _, res, _ = smoke
+    rows = res["memory"]["rows"]
+    for name in ("fwd_bwd", "sophia_g", "sophia_h", "flat_sophia"):
+        assert rows[name]["peak_bytes"] > 0
+    # A Hutchinson refresh keeps the double-backward graph: it needs more than a forward+backward.
+    assert rows["sophia_h"]["peak_bytes"] > rows["fwd_bwd"]["peak_bytes"]
+    names = [t["name"] for t in res["targets"]]
+    assert any("state bytes" in n for n in names) and any("iteration" in n for n in names)
+    for t in res["targets"]:
+        if "state bytes" in t["name"]:
+            assert t["passed"] is True, t
+        if t["value"] is not None:
+            assert math.isfinite(t["value"]) and t["value"] > 0
+            assert t["passed"] in (True, False)
+
+
+def test_markdown_and_json_match(smoke):
+    bench, res, path = smoke
+    md = res["markdown"]
+    for name in bench.OPTIMIZERS:
+        assert bench.OPTIMIZERS[name][0] in md
+    assert "| target |" in md and ("PASS" in md or "FAIL" in md)
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(res))
