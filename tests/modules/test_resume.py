@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
+import lightning as L
 import pytest
 import torch
 from _helpers import DumpState, dataset, flatten_state, loader, make_module, max_abs_diff, trainer
@@ -46,3 +50,28 @@ def test_checkpoint_from_other_optimizer_is_rejected(tmp_path):
     last = tmp_path / "a" / "ckpt" / "last.ckpt"
     with pytest.raises(ValueError, match="written with optimizer 'adamw'.*uses 'flat_sophia'"):
         _fit(tmp_path / "b", "flat_sophia", 2, ckpt_path=str(last))
+
+
+class _SigtermAt(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
+    """SIGTERM mid-epoch writes a checkpoint of the interrupted step; resuming from it finishes the run."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_exception=True, save_top_k=0)
+    t = trainer(tmp_path, callbacks=[ckpt, _SigtermAt(5)], max_epochs=2)
+    with pytest.raises(BaseException) as info:
+        t.fit(make_module("flat_sophia"), loader(dataset(n=64)))
+    assert "SIGTERM" in type(info.value).__name__
+    saved = tmp_path / "ckpt" / "epoch=0-step=5.ckpt"
+    assert saved.exists()
+    state = torch.load(saved, weights_only=False)
+    assert state["global_step"] == 5 and state["flatsophia"]["hessian_refreshes"] == 2
+    resumed, module = _fit(tmp_path / "resumed", "flat_sophia", 2, ckpt_path=str(saved))
+    assert resumed["global_step"] == 16
+    assert all(torch.isfinite(p).all() for p in resumed["params"].values())
