@@ -247,11 +247,46 @@ OPTIMIZERS = {
     "soap": ("ours SOAP", None),
 }
 SOPHIA_FAMILY = ("sophia_g", "sophia_h", "flat_sophia")
+#: how the step variants are shown: ``compiled`` = torch.compile of the step function from the
+#: outside; ``builtin`` = the optimizer's own ``compile=True`` (fused, compiled kernels)
+PATH_NAMES = {"eager": "eager", "compiled": "torch.compile(step)", "builtin": "compile=True"}
 
 
-def make_optimizer(name: str, model: nn.Module):
-    """``(optimizer, step_fn)`` or raises ``_Unavailable``."""
+def has_builtin_compile(name: str) -> bool:
+    """Whether our optimizer ``name`` takes ``compile=True`` (its own fused, compiled step kernel)."""
+    import inspect
+
+    cls = {"sophia_g": SophiaG, "sophia_h": SophiaH, "flat_sophia": FlatSophia}.get(name)
+    if name == "soap":
+        cls = _our_soap()[0]
+    if cls is None:
+        return False
+    try:
+        return "compile" in inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def builtin_compile_failures() -> list[str]:
+    """Reasons recorded by our optimizers' compiled kernels when they fell back to eager."""
+    out = []
+    try:
+        from flatsophia.optim import _kernels
+
+        for key, obj in vars(_kernels).items():
+            if getattr(obj, "failure", None):
+                out.append(f"{key}: {obj.failure}")
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def make_optimizer(name: str, model: nn.Module, builtin_compile: bool = False):
+    """The optimizer ``name`` over ``model``'s parameter groups, or raises ``_Unavailable``.
+
+    ``builtin_compile=True`` passes ``compile=True`` (our optimizers' own fused kernels)."""
     groups = param_groups(model)
+    kw = {"compile": True} if builtin_compile else {}
     if name == "adamw_fused":
         opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1, fused=True)
     elif name == "adamw":
@@ -262,16 +297,16 @@ def make_optimizer(name: str, model: nn.Module):
             raise _Unavailable("sophia-opt is not installed")
         opt = cls(groups, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
     elif name == "sophia_g":
-        opt = SophiaG(groups, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1)
+        opt = SophiaG(groups, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, **kw)
     elif name == "sophia_h":
-        opt = SophiaH(groups)
+        opt = SophiaH(groups, **kw)
     elif name == "flat_sophia":
-        opt = FlatSophia(groups)
+        opt = FlatSophia(groups, **kw)
     elif name == "soap":
         cls, why = _our_soap()
         if cls is None:
             raise _Unavailable(why)
-        opt = cls(groups, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10)
+        opt = cls(groups, lr=3e-3, betas=(0.95, 0.95), weight_decay=0.01, precondition_frequency=10, **kw)
     elif name == "po_soap":
         cls, why = _po_soap()
         if cls is None:
@@ -562,10 +597,10 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
 
     # -------------------------------------------------------------- candidates
-    def fresh(self, name: str):
+    def fresh(self, name: str, builtin_compile: bool = False):
         """A model copy with the benchmark gradients and a primed optimizer: ``(model, opt, step_fn)``."""
         model = copy.deepcopy(self.model)
-        opt = make_optimizer(name, model)
+        opt = make_optimizer(name, model, builtin_compile)
         kind = OPTIMIZERS[name][1]
         if kind == "hutchinson":
             opt.update_hessian(self.est_hutch)
@@ -626,20 +661,36 @@ class Bench:
                 # SOAP refreshes its eigenbases every 10 steps: one sample = the mean of 10
                 # consecutive steps (Timer.timeit(number=10)), so the median is the amortised cost.
                 n_rep = 10 if name in ("soap", "po_soap") else 1
-                for variant in ("eager", "compiled"):
+                variants = ["eager", "compiled"] + (["builtin"] if has_builtin_compile(name) else [])
+                for variant in variants:
                     row = dict(label=OPTIMIZERS[name][0], variant=variant, status="ok", note="", compile_s=None)
                     if n_rep > 1:
                         row["note"] = f"1 sample = mean of {n_rep} steps (1 eigenbasis refresh)"
                     rows[name][variant] = row
-                    if variant == "compiled" and not a.compile:
+                    if variant != "eager" and not a.compile:
                         row.update(status="skipped", note="compile off (--no-compile / --smoke)")
                         continue
                     try:
-                        model, opt, fn = self.fresh(name)
+                        model, opt, fn = self.fresh(name, builtin_compile=variant == "builtin")
                     except _Unavailable as e:
                         row.update(status="skipped", note=str(e))
                         continue
-                    if variant == "compiled":
+                    if variant == "builtin":
+                        f0 = set(builtin_compile_failures())
+                        t0 = time.perf_counter()
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            fn()
+                            t1 = time.perf_counter()
+                            for _ in range(11):
+                                fn()
+                        row["compile_s"] = round(t1 - t0, 2)
+                        row["warmup_s"] = round(time.perf_counter() - t0, 2)
+                        fails = sorted(set(builtin_compile_failures()) - f0)
+                        if fails:
+                            row["note"] = _join(row["note"], "fell back to eager: " + "; ".join(fails)[:200])
+                        self.log(f"  {name}: compile=True first step {row['compile_s']} s")
+                    elif variant == "compiled":
                         c0 = dynamo_counts()
                         try:
                             cfn = torch.compile(unique_function(fn, f"{name}_step"))
@@ -694,7 +745,7 @@ class Bench:
             # Steady state? Ten more calls of each compiled step must not make dynamo convert frames.
             for key, fn in cands.items():
                 name, variant = key.split("/")
-                if variant != "compiled":
+                if variant == "eager":
                     continue
                 row = rows[name][variant]
                 row.pop("_counts_before_timing", None)
@@ -715,7 +766,8 @@ class Bench:
         for name in a.optimizers:
             row = rows[name]["eager"]
             opt = row.pop("_opt", None)
-            rows[name].get("compiled", {}).pop("_opt", None)
+            for other in rows[name].values():
+                other.pop("_opt", None)
             if opt is None:
                 continue
             excl, total = state_bytes(opt)
@@ -840,11 +892,15 @@ class Bench:
         rows: dict[str, dict] = {}
         cands: dict[str, Callable] = {}
         keep = []
-        for name in a.iter_optimizers:
+        entries = [(n, False) for n in a.iter_optimizers]
+        if a.compile:
+            entries += [(n, True) for n in a.iter_optimizers if has_builtin_compile(n)]
+        for name, builtin in entries:
+            key = name + "+compile" if builtin else name
             row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k)
-            rows[name] = row
+            rows[key] = row
             try:
-                model, opt, step = self.fresh(name)
+                model, opt, step = self.fresh(name, builtin_compile=builtin)
             except _Unavailable as e:
                 row.update(status="skipped", note=str(e))
                 continue
@@ -860,18 +916,19 @@ class Bench:
                 loss_fn(fwd()).backward()
                 step()
 
-            it()
-            it()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(3 if builtin else 2):
+                    it()
             row["note"] = "no refresh" if refresh is None else f"refresh every {k}"
-            cands[name] = it
+            cands[key] = it
             keep.append((model, opt))
         # timeit(number=k): k consecutive calls hold exactly one refresh whatever the phase.
         times = measure_interleaved(
             cands, a.rounds, 0.0, a.threads, "iteration", number=k, log=self.log
         )
-        for name, ts in times.items():
-            rows[name].update(stats_of(ts))
-        # The plain forward + backward (no step), for reference.
+        for key, ts in times.items():
+            rows[key].update(stats_of(ts))
         del keep, cands
         gc.collect()
         res["iteration"] = rows
@@ -998,8 +1055,8 @@ def evaluate_targets(res) -> list[dict]:
         for n in SOPHIA_FAMILY:
             if n not in step:
                 continue
-            e, c = _med(step[n].get("eager")), _med(step[n].get("compiled"))
-            paths = [(v, p) for v, p in ((e, "eager"), (c, "compiled")) if v is not None]
+            e = _med(step[n].get("eager"))
+            paths = [(_med(r), PATH_NAMES.get(p, p)) for p, r in step[n].items() if _med(r) is not None]
             best = min(paths) if paths else (None, None)
             add(f"{n} step, fastest path <= 1.00x fused AdamW", _ratio(best[0], fused), "<=", 1.0,
                 f"fastest = {best[1]}")
@@ -1017,8 +1074,11 @@ def evaluate_targets(res) -> list[dict]:
         base = _med(it.get("adamw_fused"))
         for n, thr in (("sophia_g", 1.10), ("sophia_h", 1.25), ("flat_sophia", 1.25)):
             if n in it:
-                add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(_med(it[n]), base),
-                    "<=", thr, "vs fused AdamW iteration, eager steps")
+                paths = [(_med(it[key]), path) for key, path in ((n, "eager step"), (n + "+compile", "compile=True step"))
+                         if _med(it.get(key)) is not None]
+                best = min(paths) if paths else (None, None)
+                add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
+                    "<=", thr, f"vs fused AdamW iteration; fastest = {best[1]}")
     rf = res.get("refresh", {})
     if "flat_sophia" in rf and "sophia_h" in rf:
         add("FlatSophia refresh <= 1.10x SophiaH refresh", _ratio(_med(rf["flat_sophia"]), _med(rf["sophia_h"])),
@@ -1075,9 +1135,9 @@ def markdown(res) -> str:
 
     for name, variants in res.get("step", {}).items():
         for variant, r in variants.items():
-            row("step", r["label"], variant, r)
+            row("step", r["label"], PATH_NAMES.get(variant, variant), r)
     for name, r in res.get("iteration", {}).items():
-        row("iteration", r["label"], "eager", r)
+        row("iteration", r["label"], "compile=True" if name.endswith("+compile") else "eager", r)
     for name, r in res.get("refresh", {}).items():
         row("refresh", r["label"], "eager", r)
     for name, r in res.get("hvp", {}).items():
