@@ -13,8 +13,11 @@ all rounds.
 
 Sections:
 
-* ``step``: the optimizer step alone, eager and ``torch.compile(step_fn)`` (a compile failure is
-  reported in the table, not raised).
+* ``step``: the optimizer step alone: eager; ``torch.compile`` of a function calling ``step()``
+  (with ``capture_scalar_outputs=True`` and ``recompile_limit=64``; a compile failure, a timeout or a
+  step that recompiles every call is reported in the table, not raised); and, for our optimizers
+  that take it, ``compile=True`` (their own fused compiled kernels). SOAP samples are means of 10
+  consecutive steps (one eigenbasis refresh each).
 * ``refresh``: the Hessian refresh alone (Hutchinson reverse-over-reverse HVP + ``update_hessian``
   for SophiaH / FlatSophia, the latter including its global top-k mask; sampled-label
   Gauss-Newton-Bartlett gradient + ``update_hessian`` for SophiaG and for the authors' SophiaG),
@@ -24,14 +27,16 @@ Sections:
   (``torch.func.jvp`` over ``torch.func.grad`` of a ``functional_call``).
 * ``iteration``: a training iteration (zero_grad + forward + backward + step) amortised over
   ``--k`` iterations with one Hessian refresh per ``k`` (one Timer run = k consecutive
-  iterations, which always contain exactly one refresh), eager steps.
+  iterations, which always contain exactly one refresh); eager steps, plus ``compile=True`` steps
+  for our optimizers when compiling is on. The refresh uses its own forward on the same batch.
 * ``state``: optimizer state bytes per parameter (``sum(t.nbytes for tensors in
   optimizer.state) / n_params``), reported excluding the 0-d ``step`` counter tensors (the
   headline, used by the targets) and including them.
 * ``memory``: peak CPU tensor memory allocated during one refresh (and, for comparison, one
-  forward + backward), above what was live when it started. Measured with ``torch.profiler``
-  (``profile_memory=True``): the running sum of the allocator's allocation/free events; on CUDA
-  ``torch.cuda.max_memory_allocated`` is used instead. Not the process RSS.
+  forward + backward). Measured with ``torch.profiler`` (``profile_memory=True``): the maximum
+  running sum of the allocator's allocation/free events during the call, i.e. bytes allocated by
+  the call and not yet freed (frees of tensors that existed before it are not subtracted); on
+  CUDA ``torch.cuda.max_memory_allocated`` is used instead. Not the process RSS.
 * ``denormal``: a SophiaH step whose Hessian EMA has decayed into the float32 denormal range,
   with ``torch.set_flush_denormal(False)`` and ``(True)``.
 
@@ -960,8 +965,9 @@ class Bench:
             method=(
                 "cuda max_memory_allocated delta"
                 if torch.cuda.is_available()
-                else "torch.profiler(profile_memory=True): max running sum of CPU allocation/free events "
-                "during the call (bytes above what was live when it started; excludes RSS/allocator caching)"
+                else "torch.profiler(profile_memory=True): max running sum of the CPU allocator's "
+                "allocation/free events during the call, i.e. peak bytes allocated by the call and not yet "
+                "freed (frees of tensors that existed before it are not subtracted; not the process RSS)"
             ),
             rows=rows,
         )
@@ -1023,7 +1029,7 @@ def _ratio(a, b) -> float | None:
 def add_ratios(res) -> None:
     step = res.get("step", {})
     base_step = _med(step.get("adamw_fused", {}).get("eager"))
-    for name, variants in step.items():
+    for variants in step.values():
         for row in variants.values():
             row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_step)
     it = res.get("iteration", {})
@@ -1074,8 +1080,8 @@ def evaluate_targets(res) -> list[dict]:
         base = _med(it.get("adamw_fused"))
         for n, thr in (("sophia_g", 1.10), ("sophia_h", 1.25), ("flat_sophia", 1.25)):
             if n in it:
-                paths = [(_med(it[key]), path) for key, path in ((n, "eager step"), (n + "+compile", "compile=True step"))
-                         if _med(it.get(key)) is not None]
+                keys = ((n, "eager step"), (n + "+compile", "compile=True step"))
+                paths = [(_med(it[key]), path) for key, path in keys if _med(it.get(key)) is not None]
                 best = min(paths) if paths else (None, None)
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
                     "<=", thr, f"vs fused AdamW iteration; fastest = {best[1]}")
@@ -1133,14 +1139,14 @@ def markdown(res) -> str:
             f"{_f(r.get('ratio_vs_fused_adamw'), 2)} | {_f(r.get('compile_s'), 1)} | {r.get('note', '')} |"
         )
 
-    for name, variants in res.get("step", {}).items():
+    for variants in res.get("step", {}).values():
         for variant, r in variants.items():
             row("step", r["label"], PATH_NAMES.get(variant, variant), r)
     for name, r in res.get("iteration", {}).items():
         row("iteration", r["label"], "compile=True" if name.endswith("+compile") else "eager", r)
-    for name, r in res.get("refresh", {}).items():
+    for r in res.get("refresh", {}).values():
         row("refresh", r["label"], "eager", r)
-    for name, r in res.get("hvp", {}).items():
+    for r in res.get("hvp", {}).values():
         if isinstance(r, dict):
             row("hvp", r["label"], "eager", r)
     for key in ("ftz_off", "ftz_on"):
@@ -1200,7 +1206,8 @@ def parse_args(argv):
     p.add_argument("--compile", dest="compile", action="store_true", help="compile even with --smoke")
     p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds allowed per compile")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                   help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--smoke", action="store_true", help="tiny model, minimal repetitions, no compile (seconds)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--seed", type=int, default=0)
