@@ -17,8 +17,9 @@ from flatsophia.modules.optim_module import (
     SCHEDULER_DEFAULTS,
     _merge_block,
     check_hessian_block,
+    check_module_options,
 )
-from flatsophia.optim.factory import get_spec
+from flatsophia.optim.factory import DECAY_RULES, get_spec
 from flatsophia.optim.schedules import SCHEDULES
 
 __all__ = ["validate_config"]
@@ -55,9 +56,7 @@ def check_hessian(cfg: DictConfig, optimizer_name: str | None) -> None:
     hessian = _merge_block("hessian", _container(cfg.get("hessian")), HESSIAN_DEFAULTS)
     check_hessian_block(hessian)
     if hessian["distribution"] not in ("gaussian", "rademacher"):
-        raise ValueError(
-            f"Invalid hessian.distribution: {hessian['distribution']!r} (expected gaussian or rademacher)"
-        )
+        raise ValueError(f"Invalid hessian.distribution: {hessian['distribution']!r} (expected gaussian or rademacher)")
     _check_int("hessian.n_probes", hessian["n_probes"], 1)
     _check_int("hessian.seed", hessian["seed"], 0)
     if not optimizer_name:
@@ -106,19 +105,15 @@ def check_data(cfg: DictConfig) -> None:
 
 def check_module(cfg: DictConfig) -> None:
     module = cfg.get("module", {})
-    if "accumulate" in module:
-        _check_int("module.accumulate", module["accumulate"], 1)
-    if "log_stats_every" in module:
-        _check_int("module.log_stats_every", module["log_stats_every"], 1)
-    clip = module.get("grad_clip")
-    if clip is not None and (not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0):
-        raise ValueError(f"Invalid module.grad_clip: {clip!r} (expected null or a number >= 0)")
-    policy = module.get("nonfinite", "skip")
-    if policy not in ("skip", "raise"):
-        raise ValueError(f"Invalid module.nonfinite: {policy!r} (choose one of skip, raise)")
+    check_module_options(
+        accumulate=module.get("accumulate", 1),
+        grad_clip=module.get("grad_clip"),
+        nonfinite=module.get("nonfinite", "skip"),
+        log_stats_every=module.get("log_stats_every", 10),
+    )
     rule = module.get("weight_decay_rule", "matrices")
-    if rule not in ("matrices", "all", "none"):
-        raise ValueError(f"Invalid module.weight_decay_rule: {rule!r} (choose one of matrices, all, none)")
+    if rule not in DECAY_RULES:
+        raise ValueError(f"Invalid module.weight_decay_rule: {rule!r} (choose one of {', '.join(DECAY_RULES)})")
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -59,6 +59,20 @@ def check_hessian_block(hessian: dict) -> None:
         raise ValueError(f"Invalid hessian.refresh_prob: {p!r} (expected null or a number in (0, 1])")
 
 
+def check_module_options(accumulate=1, grad_clip=None, nonfinite="skip", log_stats_every=10) -> None:
+    """Validate the ``module.*`` training-loop options (raises ``ValueError`` naming the bad value)."""
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ValueError(f"Invalid module.accumulate: {accumulate!r} (expected an integer >= 1)")
+    if grad_clip is not None and (
+        not isinstance(grad_clip, (int, float)) or isinstance(grad_clip, bool) or grad_clip < 0
+    ):
+        raise ValueError(f"Invalid module.grad_clip: {grad_clip!r} (expected null or a number >= 0)")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"Invalid module.nonfinite: {nonfinite!r} (choose one of {', '.join(NONFINITE_POLICIES)})")
+    if not isinstance(log_stats_every, int) or isinstance(log_stats_every, bool) or log_stats_every < 1:
+        raise ValueError(f"Invalid module.log_stats_every: {log_stats_every!r} (expected an integer >= 1)")
+
+
 class OptimLitModule(L.LightningModule):
     """Classification or language modelling with a pluggable (second-order) optimizer.
 
@@ -98,14 +112,7 @@ class OptimLitModule(L.LightningModule):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"Invalid task: {task!r} (choose one of {', '.join(TASKS)})")
-        if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-            raise ValueError(f"Invalid module.accumulate: {accumulate!r} (expected an integer >= 1)")
-        if grad_clip is not None and (not isinstance(grad_clip, (int, float)) or grad_clip < 0):
-            raise ValueError(f"Invalid module.grad_clip: {grad_clip!r} (expected null or a number >= 0)")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"Invalid module.nonfinite: {nonfinite!r} (choose one of {', '.join(NONFINITE_POLICIES)})")
-        if not isinstance(log_stats_every, int) or log_stats_every < 1:
-            raise ValueError(f"Invalid module.log_stats_every: {log_stats_every!r} (expected an integer >= 1)")
+        check_module_options(accumulate, grad_clip, nonfinite, log_stats_every)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"Invalid num_classes: {num_classes!r} (expected an integer >= 2)")
         if not callable(optimizer):
