@@ -155,14 +155,14 @@ def test_markdown_and_plots(demo, demo_dir):
     md = (out / "summary.md").read_text()
     assert md == demo.markdown
     lines = md.splitlines()
-    adamw = next(line for line in lines if line.startswith("| adamw | - | 2 |"))
+    adamw = next(line for line in lines if line.startswith("| adamw | 2 |"))
     assert fmt_mean_std(0.72, 0.02 * 2**0.5) == "0.72 ± 0.02828"
     assert "| 0.72 ± 0.02828 | 34 ± 7.071 | 0.745 ± 0.007071 |" in adamw  # best, step of best, final val loss
     assert "| 34 ± 7.071 (2/2) |" in adamw  # steps to target
-    flat = next(line for line in lines if line.startswith("| flat_sophia | - | 2 |"))
+    flat = next(line for line in lines if line.startswith("| flat_sophia | 2 |"))
     assert "| 19 (1/2) |" in flat
     assert "## Paired differences flat_sophia - sophia_h (same seed)" in md
-    assert "| - | best val/loss | 2 | 0.065 ± 0.1202 | 0: -0.02, 1: 0.15 | 1/2 |" in md
+    assert "| best val/loss | 2 | 0.065 ± 0.1202 | 0: -0.02, 1: 0.15 | 1/2 |" in md
     assert "not reached" in md  # flat_sophia seed 1 in the per-run table
     assert "`model=mlp`" in md
     for name in ("val_loss.png", "val_acc.png", "sharpness.png"):
@@ -181,9 +181,12 @@ def _job(
     hydra_opt: str | None = None,
     module_name: str | None = None,
     target: str = "flatsophia.optim.FlatSophia",
+    variant: str | None = None,
 ) -> Path:
     (job / ".hydra").mkdir(parents=True)
     cfg = f"seed: {seed}\noptimizer:\n  _target_: {target}\n"
+    if variant:
+        cfg += f"variant: {variant}\n"
     if module_name:
         cfg += f"module:\n  optimizer_name: {module_name}\n"
     (job / ".hydra" / "config.yaml").write_text(cfg)
@@ -249,6 +252,52 @@ def test_settings_grouping_pairing_and_fallbacks(tmp_path):
     assert not (tmp_path / "out" / "val_acc.png").exists()  # no val/acc logged
 
 
+def test_variants_several_pairs_and_final_test_scores(tmp_path):
+    # Three variant labels (tuned settings differ between them, one setting each), test_final/* logged.
+    def csv(losses, test, test_final):
+        return _csv(losses, "test/loss,test_final/loss") + (
+            f",{10 * len(losses)},,{test},{test_final}\n"
+        )
+
+    specs = {
+        "flat_sophia": ("flat_sophia", ["optimizer.lr=0.0015784962692033842", "optimizer.sharp_fraction=0.2"]),
+        "flat_sophia_random": ("flat_sophia", ["optimizer.lr=0.0015784962692033842", "optimizer.mask_source=random"]),
+        "sophia_h": ("sophia_h", ["optimizer.lr=0.003"]),
+    }
+    losses = {"flat_sophia": [0.8, 0.5], "flat_sophia_random": [0.8, 0.7], "sophia_h": [0.9, 0.6]}
+    for name, (opt, ovr) in specs.items():
+        for seed in (0, 1):
+            shift = 0.1 * seed
+            _job(
+                tmp_path / "runs" / name / str(seed),
+                [f"optimizer={opt}", f"seed={seed}", f"variant={name}", *ovr],
+                csv([v + shift for v in losses[name]], 0.4 + shift, losses[name][-1] + 0.05),
+                seed,
+                hydra_opt=opt,
+                variant=name,
+            )
+    s = summarize(
+        sorted((tmp_path / "runs").iterdir()),
+        out=tmp_path / "out",
+        pair=[("flat_sophia", "sophia_h"), "flat_sophia,flat_sophia_random"],
+    )
+    assert sorted(s.table["optimizer"]) == ["flat_sophia", "flat_sophia_random", "sophia_h"]
+    settings = dict(zip(s.table["optimizer"], s.table["setting"]))
+    assert settings["flat_sophia"] == "optimizer.lr=0.001578, optimizer.sharp_fraction=0.2"  # 4 significant digits
+    assert "variant" not in settings["flat_sophia"]
+    # one setting per label: no setting column in the Markdown
+    assert "| flat_sophia | 2 |" in s.markdown and "| setting |" not in s.markdown
+    assert set(s.paired_all) == {("flat_sophia", "sophia_h"), ("flat_sophia", "flat_sophia_random")}
+    assert s.paired is s.paired_all[("flat_sophia", "sophia_h")]
+    pr = s.paired_all[("flat_sophia", "flat_sophia_random")].set_index("quantity")
+    assert pr.loc["final val/loss", "diffs"] == pytest.approx({0: -0.2, 1: -0.2})
+    assert pr.loc["final test loss", "diffs"] == pytest.approx({0: 0.55 - 0.75, 1: 0.55 - 0.75})
+    assert "## Paired differences flat_sophia - flat_sophia_random (same seed)" in s.markdown
+    r = _row(s.table, "sophia_h", s.table.set_index("optimizer").at["sophia_h", "setting"])
+    assert r["test_final_loss_mean"] == pytest.approx(0.65) and r["test_loss_mean"] == pytest.approx(0.45)
+    assert "final test loss" in s.markdown
+
+
 def test_time_sources_and_target_for_a_max_metric(tmp_path):
     # wall_time column: ms/step = span of wall_time / span of step; time to target from wall_time
     csv = "epoch,step,val/loss,val/acc,wall_time\n0,9,0.9,0.2,100.0\n1,19,0.7,0.5,102.0\n2,29,0.6,0.6,104.0\n"
@@ -277,7 +326,7 @@ def test_cli(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(ROOT / "scripts" / "summarize.py"), run_name="__main__")
     printed = capsys.readouterr().out
-    assert "| adamw | - | 2 |" in printed and "wrote" in printed
+    assert "| adamw | 2 |" in printed and "wrote" in printed
     assert (tmp_path / "sweep" / "summary.md").is_file()  # default --out: the sweep folder
     assert (tmp_path / "sweep" / "val_loss.png").stat().st_size > 0
 

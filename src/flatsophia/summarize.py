@@ -4,7 +4,8 @@ Every job folder of the sweep (a folder holding ``.hydra/config.yaml``, found at
 run: its optimizer, its seed, its *setting* and its Lightning ``metrics.csv`` (found by globbing
 inside the job folder, any logger sub-path).
 
-* **optimizer**: ``hydra.runtime.choices.optimizer`` of ``.hydra/hydra.yaml``; else
+* **optimizer** (the group label): ``variant`` of ``.hydra/config.yaml`` when set (a free label such
+  as ``flat_sophia_random``); else ``hydra.runtime.choices.optimizer`` of ``.hydra/hydra.yaml``; else
   ``module.optimizer_name`` of ``.hydra/config.yaml`` (when it is a plain string); else the class name
   of ``optimizer._target_``.
 * **seed**: ``seed`` of ``.hydra/config.yaml``.
@@ -24,7 +25,9 @@ step, for validation rows the index of the last training batch, i.e. optimizer s
   its first occurrence, its last value; ``val_acc_best`` (max) / ``val_acc_final`` likewise;
 * ``metric_best`` / ``metric_best_step`` / ``metric_final``: the same for ``--metric`` (min, or max
   for a metric whose name contains ``acc``, or ``--mode``);
-* ``test_loss`` / ``test_acc``: last logged ``test/loss`` / ``test/acc``;
+* ``test_loss`` / ``test_acc``: last logged ``test/loss`` / ``test/acc`` (the best checkpoint);
+  ``test_final_loss`` / ``test_final_acc``: ``test_final/loss`` / ``test_final/acc`` (the final
+  weights, ``test_final=true``);
 * ``top_eig_final`` / ``trace_final``: last logged ``sharpness/top_eig`` / ``sharpness/trace``;
 * ``ms_per_step``: wall-clock milliseconds per optimizer step, from the first source available:
   a ``time/step_ms`` column (mean), a ``train/step_time`` column (seconds, mean), a ``wall_time``
@@ -37,7 +40,7 @@ step, for validation rows the index of the last training batch, i.e. optimizer s
   column (time since the first row), else ``steps_to_target * ms_per_step / 1000``. The table shows
   mean ± std over the seeds that reached the target and how many did.
 
-``--pair A,B`` adds a paired table: for every setting and seed run with both optimizers, the
+``--pair A,B`` (repeatable) adds a paired table: for every setting and seed run with both optimizers, the
 difference A - B of best and final ``--metric`` (and of the test loss/accuracy when logged): mean,
 std, the per-seed differences and the number of seeds where A < B.
 """
@@ -82,6 +85,8 @@ QUANTITIES = [
     ("val_acc_final", "final val acc"),
     ("test_loss", "test loss"),
     ("test_acc", "test acc"),
+    ("test_final_loss", "final test loss"),
+    ("test_final_acc", "final test acc"),
     ("top_eig_final", "final top eig"),
     ("trace_final", "final trace"),
     ("ms_per_step", "ms/step"),
@@ -89,7 +94,7 @@ QUANTITIES = [
     ("time_to_target_s", "time to {target} (s)"),
 ]
 #: Override keys that identify the optimizer or the seed, not the setting.
-_NOT_SETTING = ("optimizer", "seed")
+_NOT_SETTING = ("optimizer", "seed", "variant")
 
 
 # --------------------------------------------------------------------- jobs
@@ -138,6 +143,9 @@ def _dig(tree, dotted: str):
 
 
 def _optimizer_name(hydra_cfg, cfg) -> str:
+    variant = _dig(cfg, "variant")
+    if isinstance(variant, str) and variant:
+        return variant
     name = _dig(hydra_cfg, "hydra.runtime.choices.optimizer")
     if isinstance(name, str) and name:
         return name
@@ -155,7 +163,7 @@ def _parse_overrides(lines) -> dict[str, str]:
     for line in lines or []:
         key, _, value = str(line).partition("=")
         key = key.lstrip("+~")
-        if key == _NOT_SETTING[0] or key == _NOT_SETTING[1] or key.startswith("hydra."):
+        if key in _NOT_SETTING or key.startswith("hydra."):
             continue
         out[key] = value
     return out
@@ -192,13 +200,24 @@ def load_job(job_dir: Path | str) -> Job:
     )
 
 
+def _short_value(value: str) -> str:
+    """A float override value with 4 significant digits (``0.0015784962692`` -> ``0.001578``)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if "." not in str(value) and "e" not in str(value).lower():
+        return str(value)  # integers stay as written
+    return f"{number:.4g}"
+
+
 def _assign_settings(jobs: list[Job]) -> dict[str, str]:
     """Set ``job.setting`` from the overrides that differ between jobs; return the common ones."""
     keys = sorted({k for j in jobs for k in j.overrides})
     missing = object()
     varying = [k for k in keys if len({j.overrides.get(k, missing) for j in jobs}) > 1]
     for j in jobs:
-        j.setting = ", ".join(f"{k}={j.overrides[k]}" for k in varying if k in j.overrides)
+        j.setting = ", ".join(f"{k}={_short_value(j.overrides[k])}" for k in varying if k in j.overrides)
     return {k: jobs[0].overrides[k] for k in keys if k not in varying}
 
 
@@ -281,6 +300,8 @@ def run_record(job: Job, metric: str = "val/loss", target: float | None = None, 
     rec["val_acc_best"], _, rec["val_acc_final"] = _best(df, "val/acc", "max")
     rec["test_loss"] = _last(df, "test/loss")
     rec["test_acc"] = _last(df, "test/acc")
+    rec["test_final_loss"] = _last(df, "test_final/loss")
+    rec["test_final_acc"] = _last(df, "test_final/acc")
     rec["top_eig_final"] = _last(df, "sharpness/top_eig")
     rec["trace_final"] = _last(df, "sharpness/trace")
     rec["ms_per_step"], rec["time_source"] = _step_time(job)
@@ -336,7 +357,14 @@ def paired_differences(runs: pd.DataFrame, a: str, b: str, metric: str = "val/lo
     ra, rb = runs[runs["optimizer"] == a], runs[runs["optimizer"] == b]
     quantities = [("metric_best", f"best {metric}"), ("metric_final", f"final {metric}")]
     quantities += [
-        (q, label) for q, label in (("test_loss", "test loss"), ("test_acc", "test acc")) if runs[q].notna().any()
+        (q, label)
+        for q, label in (
+            ("test_loss", "test loss"),
+            ("test_acc", "test acc"),
+            ("test_final_loss", "final test loss"),
+            ("test_final_acc", "final test acc"),
+        )
+        if runs[q].notna().any()
     ]
     b_settings = list(dict.fromkeys(rb["setting"]))
     rows = []
@@ -414,11 +442,14 @@ def to_markdown(
     target: float | None = None,
     title: str = "Sweep summary",
     common: dict[str, str] | None = None,
-    pair: tuple[str, str] | None = None,
+    pair: tuple[str, str] | Sequence[tuple[str, str]] | None = None,
     digits: int = 4,
     mode: str | None = None,
 ) -> str:
-    """The Markdown report: the per-group table, the paired table and the per-run table."""
+    """The Markdown report: the per-group table, the paired table(s) and the per-run table.
+
+    ``pair``/``paired``: one pair and its table, or a list of pairs and a list of their tables.
+    """
     parts = [f"# {title}", ""]
     if common:
         parts += ["Overrides shared by every run: " + ", ".join(f"`{k}={v}`" for k, v in common.items()), ""]
@@ -430,10 +461,12 @@ def to_markdown(
     mode = _mode_of(metric, mode)
     target_label = None if target is None else f"{metric} {'<=' if mode == 'min' else '>='} {fmt(target, digits)}"
     shown = _shown_quantities(table, metric, target_label)
-    header = ["optimizer", "setting", "seeds"] + [h for _, h in shown]
+    # One setting per optimizer label (e.g. tuned variants): the setting column adds nothing.
+    with_setting = bool(table["setting"].astype(bool).any()) and table["optimizer"].duplicated().any()
+    header = ["optimizer"] + (["setting"] if with_setting else []) + ["seeds"] + [h for _, h in shown]
     rows = []
     for _, r in table.iterrows():
-        cells = [r["optimizer"], r["setting"] or "-", str(r["n_seeds"])]
+        cells = [r["optimizer"]] + ([r["setting"] or "-"] if with_setting else []) + [str(r["n_seeds"])]
         for q, _ in shown:
             cell = fmt_mean_std(r[f"{q}_mean"], r[f"{q}_std"], digits)
             if q in ("steps_to_target", "time_to_target_s"):
@@ -442,15 +475,17 @@ def to_markdown(
         rows.append(cells)
     parts += [_md_table(header, rows), ""]
 
-    if pair is not None:
-        a, b = pair
+    single = bool(pair) and isinstance(pair[0], str)
+    pairs = [] if not pair else ([pair] if single else list(pair))
+    paireds = [paired] if single else list(paired or [])
+    for (a, b), paired in zip(pairs, paireds):
         parts += [f"## Paired differences {a} - {b} (same seed)", ""]
         if paired is None or paired.empty:
             parts += [f"No seed was run with both {a} and {b}.", ""]
         else:
             prow = [
-                [
-                    r["setting"] or "-",
+                ([r["setting"] or "-"] if with_setting else [])
+                + [
                     r["quantity"],
                     str(r["n_pairs"]),
                     fmt_mean_std(r["mean_diff"], r["std_diff"], digits),
@@ -460,19 +495,26 @@ def to_markdown(
                 for _, r in paired.iterrows()
             ]
             parts += [
-                _md_table(["setting", "quantity", "pairs", f"{a} - {b}", "per seed", f"{a} < {b}"], prow),
+                _md_table(
+                    (["setting"] if with_setting else [])
+                    + ["quantity", "pairs", f"{a} - {b}", "per seed", f"{a} < {b}"],
+                    prow,
+                ),
                 "",
             ]
 
     parts += ["## Runs", ""]
     run_q = [(q, h) for q, h in shown if runs[q].notna().any()]
     rrows = [
-        [r["optimizer"], r["setting"] or "-", str(r["seed"])]
+        [r["optimizer"]]
+        + ([r["setting"] or "-"] if with_setting else [])
+        + [str(r["seed"])]
         + [fmt(r[q], digits) if not (q == "steps_to_target" and math.isnan(r[q])) else "not reached" for q, _ in run_q]
         + [Path(r["job"]).name]
         for _, r in runs.iterrows()
     ]
-    parts += [_md_table(["optimizer", "setting", "seed"] + [h for _, h in run_q] + ["job"], rrows), ""]
+    run_header = ["optimizer"] + (["setting"] if with_setting else []) + ["seed"] + [h for _, h in run_q] + ["job"]
+    parts += [_md_table(run_header, rrows), ""]
     return "\n".join(parts)
 
 
@@ -541,14 +583,38 @@ class Summary:
 
     runs: pd.DataFrame
     table: pd.DataFrame
-    paired: pd.DataFrame | None
+    paired: pd.DataFrame | None  # the first pair's table
     markdown: str
     jobs: list[Job]
     common: dict[str, str]
     files: dict[str, Path] = field(default_factory=dict)
+    #: every pair's table, keyed by ``(a, b)``
+    paired_all: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
 
 
 PLOTS = {"val_loss.png": "val/loss", "val_acc.png": "val/acc", "sharpness.png": "sharpness/top_eig"}
+
+
+def _parse_pairs(pair, known: set[str]) -> list[tuple[str, str]]:
+    """``"a,b"`` / ``(a, b)`` / a list of those -> a list of checked ``(a, b)``."""
+    if pair is None:
+        return []
+    if isinstance(pair, str):
+        items = [pair]
+    elif len(pair) == 2 and all(isinstance(x, str) and "," not in x for x in pair):
+        items = [tuple(pair)]
+    else:
+        items = list(pair)
+    out = []
+    for item in items:
+        p = tuple(x.strip() for x in item.split(",")) if isinstance(item, str) else tuple(item)
+        if len(p) != 2:
+            raise ValueError(f"Invalid pair: {item!r} (expected two optimizer names, 'a,b')")
+        for name in p:
+            if name not in known:
+                raise ValueError(f"Optimizer {name!r} of --pair is not in the sweep ({', '.join(sorted(known))})")
+        out.append(p)
+    return out
 
 
 def summarize(
@@ -556,7 +622,7 @@ def summarize(
     metric: str = "val/loss",
     target: float | None = None,
     out: Path | str | None = None,
-    pair: str | Sequence[str] | None = None,
+    pair: str | Sequence[str] | Sequence[str | Sequence[str]] | None = None,
     mode: str | None = None,
     band: str = "minmax",
     digits: int = 4,
@@ -564,25 +630,19 @@ def summarize(
 ) -> Summary:
     """Load the sweep(s), build the tables, write ``summary.md`` and the PNGs to ``out``.
 
-    ``out`` defaults to the (first) sweep folder. ``pair``: ``"a,b"`` or ``(a, b)``. Plots:
+    ``out`` defaults to the (first) sweep folder. ``pair``: ``"a,b"`` or ``(a, b)``, or a list of
+    such pairs (one paired table each). Plots:
     ``val_loss.png``, and ``val_acc.png`` / ``sharpness.png`` / ``<metric>.png`` when logged.
     """
     runs, jobs, common = load_runs(sweep_dirs, metric, target, mode)
     table = aggregate(runs)
-    pair_t = None
-    if pair is not None:
-        pair_t = tuple(p.strip() for p in pair.split(",")) if isinstance(pair, str) else tuple(pair)
-        if len(pair_t) != 2:
-            raise ValueError(f"Invalid pair: {pair!r} (expected two optimizer names, 'a,b')")
-        known = set(runs["optimizer"])
-        for name in pair_t:
-            if name not in known:
-                raise ValueError(f"Optimizer {name!r} of --pair is not in the sweep ({', '.join(sorted(known))})")
-    paired = paired_differences(runs, *pair_t, metric=metric) if pair_t else None
+    pairs = _parse_pairs(pair, set(runs["optimizer"]))
+    paired_all = {p: paired_differences(runs, *p, metric=metric) for p in pairs}
+    paired = paired_all[pairs[0]] if pairs else None
     first = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
     title = "Sweep summary: " + ", ".join(str(d) for d in first)
-    md = to_markdown(table, runs, paired, metric, target, title, common, pair_t, digits, mode)
-    summary = Summary(runs, table, paired, md, jobs, common)
+    md = to_markdown(table, runs, list(paired_all.values()), metric, target, title, common, pairs, digits, mode)
+    summary = Summary(runs, table, paired, md, jobs, common, paired_all=paired_all)
     if write:
         out_dir = Path(out) if out is not None else Path(first[0])
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -725,7 +785,12 @@ def main(argv: list[str] | None = None) -> Summary:
     parser.add_argument("--metric", default="val/loss", help="metric for best/final, target and pairs")
     parser.add_argument("--mode", choices=("min", "max"), default=None, help="default: max if 'acc' in metric")
     parser.add_argument("--target", type=float, default=None, help="report steps/time until metric reaches this")
-    parser.add_argument("--pair", default=None, help="two optimizers 'a,b' for a paired per-seed a - b table")
+    parser.add_argument(
+        "--pair",
+        action="append",
+        default=None,
+        help="two optimizers 'a,b' for a paired per-seed a - b table (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: the first sweep folder)")
     parser.add_argument("--band", choices=("minmax", "std"), default="minmax", help="band around the mean curve")
     parser.add_argument("--digits", type=int, default=4, help="significant digits in the tables")

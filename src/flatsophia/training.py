@@ -116,7 +116,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit on the train split (validating on val), then test the best checkpoint.
 
     Config keys read: ``seed``, ``data``, ``model``, ``optimizer``, ``scheduler``, ``hessian``,
-    ``module``, ``callbacks``, ``logger``, ``trainer``, ``train``, ``test``, ``ckpt_path`` (resume).
+    ``module``, ``callbacks``, ``logger``, ``trainer``, ``train``, ``test``, ``test_final``, ``ckpt_path`` (resume).
     """
     objects = _build_common(cfg)
     trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
@@ -130,6 +130,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         # Our checkpoints hold the optimizer factory and RNG states, not only tensors.
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
         metrics.update(_metrics(trainer))
+    if cfg.get("test_final", False):
+        metrics.update(_test_final(trainer, model, datamodule))
     if cfg.get("test", False):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best or not Path(best).exists():
@@ -140,6 +142,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False if best else None)
         metrics.update(_metrics(trainer))
     return metrics, objects
+
+
+def _test_final(trainer: L.Trainer, model, datamodule) -> dict[str, float]:
+    """Test the weights as they are at the end of training; log and return them as ``test_final/*``."""
+    log.info("Testing the final weights")
+    results = trainer.test(model, datamodule=datamodule, ckpt_path=None, verbose=False)
+    out = {
+        "test_final/" + key.split("/", 1)[-1]: float(value)
+        for key, value in (results[0] if results else {}).items()
+        if key.startswith("test/")
+    }
+    for logger in trainer.loggers:
+        logger.log_metrics(out, step=trainer.global_step)
+        logger.save()
+    log.info("Final-weights test metrics: %s", out)
+    return out
 
 
 def load_checkpoint(path: str | Path) -> dict:

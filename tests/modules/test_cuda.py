@@ -1,0 +1,105 @@
+"""GPU checks (skipped without CUDA): no host-device sync in the step, CPU/GPU agreement, bf16 training.
+
+Run on a GPU machine with ``python -m pytest -q tests/modules/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _helpers import dataset, make_module, trainer
+from torch import nn
+from torch.utils.data import DataLoader
+
+from flatsophia.optim import FlatSophia, SophiaG, SophiaH
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SOPHIA = {
+    "sophia_g": (SophiaG, dict(lr=1e-2, rho=0.05, weight_decay=0.1)),
+    "sophia_h": (SophiaH, dict(lr=1e-2, weight_decay=0.1)),
+    "flat_sophia": (FlatSophia, dict(lr=1e-2, weight_decay=0.1, sharp_fraction=0.2)),
+}
+
+
+def _model(device, dtype=torch.float32, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10)).to(
+        device=device, dtype=dtype
+    )
+
+
+def _fill(model: nn.Module, seed: int) -> list[torch.Tensor]:
+    """Deterministic gradients (set on the parameters) and Hessian estimates (returned), made on the CPU."""
+    g = torch.Generator().manual_seed(seed)
+    estimates = []
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p)
+        estimates.append((torch.randn(p.shape, generator=g, dtype=torch.float64).abs() * 0.1).to(p))
+    return estimates
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("name", list(SOPHIA))
+def test_step_does_not_synchronise_with_the_host(name, compile):
+    cls, kwargs = SOPHIA[name]
+    model = _model("cuda")
+    opt = cls(model.parameters(), compile=compile, **kwargs)
+    opt.update_hessian(_fill(model, 0))
+    for _ in range(3):  # warm-up: state creation, compilation
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for seed in range(1, 4):
+            for p, g in zip(model.parameters(), _fill(model, seed)):
+                p.grad.copy_(g)
+            opt.step()
+            opt.step(collect_stats=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if compile:
+        from flatsophia.optim import _kernels
+
+        kernel = _kernels.SOPHIA_G_COMPILED if name == "sophia_g" else _kernels.SOPHIA_H_COMPILED
+        assert kernel.failure is None, kernel.failure
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list(SOPHIA))
+def test_gpu_steps_match_cpu_steps_in_float64(name):
+    cls, kwargs = SOPHIA[name]
+    cpu = _model("cpu", torch.float64)
+    gpu = copy.deepcopy(cpu).cuda()
+    opts = [cls(m.parameters(), **kwargs) for m in (cpu, gpu)]
+    for step in range(8):
+        for model, opt in zip((cpu, gpu), opts):
+            estimates = _fill(model, step)
+            if step % 3 == 0:
+                opt.update_hessian(estimates)
+            opt.step()
+    for a, b in zip(cpu.parameters(), gpu.parameters()):
+        torch.testing.assert_close(b.cpu(), a, rtol=0, atol=1e-12)
+    if name == "flat_sophia":
+        for pa, pb in zip(cpu.parameters(), gpu.parameters()):
+            assert torch.equal(opts[0].state[pa]["mask"], opts[1].state[pb]["mask"].cpu())
+
+
+@pytest.mark.parametrize("name", ["adamw", "sophia_g", "sophia_h", "flat_sophia", "soap"])
+def test_bf16_mixed_training_on_gpu(tmp_path, name):
+    module = make_module(name)
+    before = [p.detach().clone() for p in module.parameters()]
+    t = trainer(tmp_path, accelerator="gpu", precision="bf16-mixed", max_steps=7)
+    t.fit(module, DataLoader(dataset(), batch_size=8))
+    assert module.global_step == 7
+    after = list(module.parameters())
+    assert all(p.device.type == "cuda" for p in after)
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a.cpu(), b) for a, b in zip(after, before))
+    if name not in ("adamw", "soap"):
+        assert module.hessian_refreshes >= 2
