@@ -209,3 +209,18 @@ def test_multirun_joblib(tmp_path, data_dir):
     jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())
     assert jobs == ["0", "1"]
     assert result.stdout.count("Final metrics:") == 2
+
+
+def test_test_final_scores_the_last_weights_and_test_the_best(make_cfg):
+    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=3", "optimizer=sophia_h", "test_final=true")
+    metrics, objects = train(cfg)
+    finite(metrics, "test/loss", "test/acc", "test_final/loss", "test_final/acc")
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    best = objects["trainer"].checkpoint_callback.best_model_path
+    assert torch.load(last, weights_only=False)["global_step"] == 9  # the end, not the best epoch
+    # test_final/* = the weights at the end of training (last.ckpt); test/* = the best checkpoint
+    for ckpt, prefix in ((last, "test_final"), (best, "test")):
+        scores, _ = evaluate(make_cfg([f"ckpt_path={ckpt}"], config_name="eval"))
+        assert scores["test/loss"] == pytest.approx(metrics[f"{prefix}/loss"], abs=1e-6), prefix
+    csv = next(Path(cfg.paths.output_dir).glob("**/metrics.csv")).read_text()
+    assert "test_final/loss" in csv.splitlines()[0]
