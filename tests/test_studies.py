@@ -82,6 +82,14 @@ def test_runs_use_the_tuned_settings_and_derive_the_controls(tmp_path):
     assert _arg(tasks["flat_sophia_rademacher"], "hessian.distribution") == "rademacher"
 
 
+def test_runs_of_chosen_variants_only(tmp_path):
+    _write_tuning(tmp_path)
+    tasks = plan_runs(STUDIES["overfit"], tmp_path, only=["sophia_h_matched", "adamw"])
+    assert [t.name for t in tasks] == ["sophia_h_matched", "adamw"]
+    with pytest.raises(ValueError, match=r"Unknown variant\(s\) \['nope'\]"):
+        plan_runs(STUDIES["overfit"], tmp_path, only=["nope"])
+
+
 def test_ablation_grid_replaces_the_tuned_grid_keys(tmp_path):
     _write_tuning(tmp_path)
     (task,) = plan_ablation(STUDIES["overfit"], tmp_path, jobs=6)

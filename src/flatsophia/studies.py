@@ -32,6 +32,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -39,6 +40,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -76,6 +78,8 @@ class Study:
     pairs: tuple[tuple[str, str], ...] = ()
     #: how the steps-to-target target is set: ("best"|"final", optimizer) = that optimizer's mean
     target_rule: tuple[str, str] = ("final", "adamw")
+    #: more targets, reported in a small table of their own (same rule format)
+    extra_targets: tuple[tuple[str, str], ...] = ()
     ablation: str | None = None
     ablation_base: str | None = None
     ablation_seeds: tuple[int, ...] = (0,)
@@ -140,6 +144,7 @@ STUDIES: dict[str, Study] = {
             ("flat_sophia_ema", "flat_sophia"),
         ),
         target_rule=("best", "adamw"),
+        extra_targets=(("best", "sophia_h"),),
         ablation="flat_sophia_mask",
         ablation_base="flat_sophia",
         ablation_seeds=(0, 1),
@@ -255,10 +260,22 @@ def _seeded_task(name, study, out, device, extra, opt, setting, more, seeds, swe
     return Task(name, _train_argv(overrides), min(len(seeds), jobs), out / "logs" / f"{sweep_dir.name}.log")
 
 
-def plan_runs(study: Study, out: Path, device: str = "cpu", extra: Sequence[str] = (), jobs: int = 2) -> list[Task]:
-    """The tuned optimizers and the variants over the report seeds."""
+def plan_runs(
+    study: Study,
+    out: Path,
+    device: str = "cpu",
+    extra: Sequence[str] = (),
+    jobs: int = 2,
+    only: Sequence[str] | None = None,
+) -> list[Task]:
+    """The tuned optimizers and the variants (or the ``only`` ones, in that order) over the report seeds."""
+    variants = {v.name: v for v in _all_variants(study)}
+    if only is not None:
+        unknown = [name for name in only if name not in variants]
+        if unknown:
+            raise ValueError(f"Unknown variant(s) {unknown} of this study (known: {', '.join(variants)})")
     tasks = []
-    for variant in _all_variants(study):
+    for variant in [variants[n] for n in only] if only is not None else variants.values():
         opt, setting = variant_setting(study, variant, out)
         sweep_dir = out / "runs" / variant.name
         tasks.append(
@@ -333,8 +350,20 @@ def run_tasks(tasks: list[Task], jobs: int, deadline: float | None = None, env: 
 
 
 # ------------------------------------------------------------------- report
+_STAMP = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
+
+
 def _job_seconds(job_dir: Path) -> float:
-    """Wall time of one job: its metrics.csv's last write minus its config's write (job start)."""
+    """Wall time of one job: first to last timestamp of its Hydra log (``<job>/*.log``); else the
+    last write of its metrics.csv minus the write of its config (file times; lost by plain copies)."""
+    stamps = []
+    for log in sorted(job_dir.glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            m = _STAMP.match(line)
+            if m:
+                stamps.append(datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1e3)
+    if len(stamps) >= 2:
+        return max(stamps) - min(stamps)
     metrics = sorted(job_dir.glob("**/metrics.csv"))
     cfg = job_dir / ".hydra" / "config.yaml"
     if not metrics or not cfg.is_file():
@@ -373,10 +402,10 @@ def _short(v) -> str:
         return str(v)
 
 
-def _target(study: Study, out: Path) -> float | None:
+def _target(study: Study, out: Path, rule: tuple[str, str] | None = None) -> float | None:
     from flatsophia.summarize import load_runs
 
-    kind, opt = study.target_rule
+    kind, opt = rule or study.target_rule
     sweep = out / "runs" / opt
     if not sweep.is_dir():
         return None
@@ -394,7 +423,7 @@ def report(
     name: str | None = None,
 ) -> Path:
     """Summarize the runs (and ablation) into ``<out>/report``; copy it to ``docs`` if given."""
-    from flatsophia.summarize import summarize
+    from flatsophia.summarize import _mean_std, fmt_mean_std, load_runs, summarize
 
     study_name = name or (study if isinstance(study, str) else study.experiment)
     study = STUDIES[study] if isinstance(study, str) else study
@@ -435,6 +464,18 @@ def report(
                 + (f" ({v.note})" if v.note else "")
             )
     parts += ["", "## Tuning trials", "", tune_md, "## Results", "", summary.markdown.split("\n", 2)[2]]
+    for rule in study.extra_targets:
+        value = _target(study, out, rule)
+        if value is None:
+            continue
+        runs, _, _ = load_runs(run_dirs, target=value)
+        parts += [f"## Steps to {rule[1]}'s mean {rule[0]} val loss ({value:.4f})", ""]
+        parts += ["| optimizer | reached | steps (mean ± std over the seeds that reached it) |", "|---|---|---|"]
+        for opt, group in runs.groupby("optimizer", sort=False):
+            reached = group["steps_to_target"].dropna()
+            cell = fmt_mean_std(*_mean_std(reached)[:2]) if len(reached) else "-"
+            parts.append(f"| {opt} | {len(reached)}/{len(group)} | {cell} |")
+        parts.append("")
     if study.ablation and (out / "ablation" / study.ablation).is_dir():
         abl = summarize(out / "ablation" / study.ablation, out=rep / "ablation")
         parts += ["## Ablation", "", abl.markdown.split("\n", 2)[2]]
@@ -464,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline-min", type=float, default=None, help="start no command after this many minutes")
     parser.add_argument("--trials", type=int, default=None, help="tuning trials per optimizer (default: the study's)")
     parser.add_argument("--seeds", default=None, help="report seeds, e.g. 0,1,2 (default: the study's)")
+    parser.add_argument("--variants", default=None, help="runs phase: only these variants, e.g. adamw,flat_sophia")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the tune phase and stop")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (e.g. trainer.max_epochs=2)")
     args = parser.parse_intermixed_args(argv)
@@ -498,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
         if phase == "tune":
             tasks = plan_tuning(study, out, args.device, args.overrides)
         elif phase == "runs":
-            tasks = plan_runs(study, out, args.device, args.overrides, args.jobs)
+            only = args.variants.split(",") if args.variants else None
+            tasks = plan_runs(study, out, args.device, args.overrides, args.jobs, only)
         else:
             tasks = plan_ablation(study, out, args.device, args.overrides, args.jobs)
         with commands.open("a") as fh:

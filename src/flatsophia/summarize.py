@@ -519,19 +519,25 @@ def to_markdown(
 
 
 # -------------------------------------------------------------------- plots
-def _label(job: Job) -> str:
-    return job.optimizer + (f" ({job.setting})" if job.setting else "")
+def _label(job: Job, with_setting: bool = True) -> str:
+    return job.optimizer + (f" ({job.setting})" if job.setting and with_setting else "")
 
 
 def curves(jobs: list[Job], column: str) -> dict[str, pd.DataFrame]:
-    """Per group label: a ``step x seed`` frame of ``column`` (one column per job)."""
+    """Per group label: a ``step x seed`` frame of ``column`` (one column per job).
+
+    The label is the optimizer (variant) name, with the setting only where one name has several."""
+    settings: dict[str, set[str]] = {}
+    for job in jobs:
+        settings.setdefault(job.optimizer, set()).add(job.setting)
+    with_setting = any(len(v) > 1 for v in settings.values())
     out: dict[str, list[pd.Series]] = {}
     for k, job in enumerate(jobs):
         s = _series(job.metrics, column)
         if s.empty:
             continue
         series = s.drop_duplicates("step", keep="last").set_index("step")["value"].rename(f"{job.seed}#{k}")
-        out.setdefault(_label(job), []).append(series)
+        out.setdefault(_label(job, with_setting), []).append(series)
     return {label: pd.concat(series, axis=1).sort_index() for label, series in out.items()}
 
 
