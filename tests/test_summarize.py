@@ -337,3 +337,12 @@ def test_errors(tmp_path):
     write_demo_sweep(tmp_path / "sweep")
     with pytest.raises(ValueError, match="not in the sweep"):
         summarize(tmp_path / "sweep", pair="flat_sophia,sophia_g", write=False)
+
+
+def test_val_loss_rise_measures_overfitting_after_the_best_point(demo):
+    runs = demo.runs.set_index(["optimizer", "seed"])
+    assert runs.loc[("adamw", 0), "val_loss_rise"] == pytest.approx(0.75 - 0.70)
+    assert runs.loc[("adamw", 1), "val_loss_rise"] == pytest.approx(0.0)  # still falling at the end
+    p = demo.paired.set_index("quantity")
+    assert p.loc["val loss rise", "diffs"] == pytest.approx({0: 0.01 - 0.02, 1: 0.04 - 0.0})
+    assert "val loss rise (final - best)" in demo.markdown

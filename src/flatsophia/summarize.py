@@ -22,7 +22,8 @@ step, for validation rows the index of the last training batch, i.e. optimizer s
 ``module.accumulate=1``; the sharpness callback logs the number of optimizer steps taken):
 
 * ``val_loss_best`` / ``val_loss_best_step`` / ``val_loss_final``: min of ``val/loss``, the step of
-  its first occurrence, its last value; ``val_acc_best`` (max) / ``val_acc_final`` likewise;
+  its first occurrence, its last value; ``val_loss_rise``: final - best (how much it overfits after
+  its best point); ``val_acc_best`` (max) / ``val_acc_final`` likewise;
 * ``metric_best`` / ``metric_best_step`` / ``metric_final``: the same for ``--metric`` (min, or max
   for a metric whose name contains ``acc``, or ``--mode``);
 * ``test_loss`` / ``test_acc``: last logged ``test/loss`` / ``test/acc`` (the best checkpoint);
@@ -30,7 +31,8 @@ step, for validation rows the index of the last training batch, i.e. optimizer s
   weights, ``test_final=true``);
 * ``top_eig_final`` / ``trace_final``: last logged ``sharpness/top_eig`` / ``sharpness/trace``;
 * ``ms_per_step``: wall-clock milliseconds per optimizer step, from the first source available:
-  a ``time/step_ms`` column (mean), a ``train/step_time`` column (seconds, mean), a ``wall_time``
+  a ``time/step_ms`` column (median: robust to a stray slow step), a ``train/step_time`` column
+  (seconds, median), a ``wall_time``
   column (seconds; its span over the span of ``step``), else the file times: (modification time of
   ``metrics.csv`` - modification time of ``.hydra/config.yaml``, written at job start) / max ``step``.
   The last one includes setup, validation and testing, so it over-estimates the step time; the
@@ -78,6 +80,7 @@ QUANTITIES = [
     ("val_loss_best", "best val loss"),
     ("val_loss_best_step", "step of best"),
     ("val_loss_final", "final val loss"),
+    ("val_loss_rise", "val loss rise (final - best)"),
     ("metric_best", "best {metric}"),
     ("metric_best_step", "step of best {metric}"),
     ("metric_final", "final {metric}"),
@@ -247,9 +250,9 @@ def _last(df: pd.DataFrame, column: str) -> float:
 def _step_time(job: Job) -> tuple[float, str]:
     df = job.metrics
     if "time/step_ms" in df.columns and df["time/step_ms"].notna().any():
-        return float(df["time/step_ms"].mean()), "time/step_ms"
+        return float(df["time/step_ms"].median()), "time/step_ms"
     if "train/step_time" in df.columns and df["train/step_time"].notna().any():
-        return 1000.0 * float(df["train/step_time"].mean()), "train/step_time"
+        return 1000.0 * float(df["train/step_time"].median()), "train/step_time"
     if "wall_time" in df.columns and df["wall_time"].notna().sum() >= 2:
         rows = df[df["wall_time"].notna()]
         span = float(rows["step"].max() - rows["step"].min())
@@ -296,6 +299,7 @@ def run_record(job: Job, metric: str = "val/loss", target: float | None = None, 
         "job": str(job.path),
     }
     rec["val_loss_best"], rec["val_loss_best_step"], rec["val_loss_final"] = _best(df, "val/loss", "min")
+    rec["val_loss_rise"] = rec["val_loss_final"] - rec["val_loss_best"]  # overfitting after the best point
     rec["metric_best"], rec["metric_best_step"], rec["metric_final"] = _best(df, metric, mode)
     rec["val_acc_best"], _, rec["val_acc_final"] = _best(df, "val/acc", "max")
     rec["test_loss"] = _last(df, "test/loss")
@@ -356,6 +360,8 @@ def paired_differences(runs: pd.DataFrame, a: str, b: str, metric: str = "val/lo
     """
     ra, rb = runs[runs["optimizer"] == a], runs[runs["optimizer"] == b]
     quantities = [("metric_best", f"best {metric}"), ("metric_final", f"final {metric}")]
+    if metric == "val/loss":
+        quantities.append(("val_loss_rise", "val loss rise"))
     quantities += [
         (q, label)
         for q, label in (
