@@ -27,8 +27,12 @@ Sections:
   (``torch.func.jvp`` over ``torch.func.grad`` of a ``functional_call``).
 * ``iteration``: a training iteration (zero_grad + forward + backward + step) amortised over
   ``--k`` iterations with one Hessian refresh per ``k`` (one Timer run = k consecutive
-  iterations, which always contain exactly one refresh); eager steps, plus ``compile=True`` steps
-  for our optimizers when compiling is on. The refresh uses its own forward on the same batch.
+  iterations, which always contain exactly one refresh). Rows: eager step with the refresh on its
+  own forward (the authors' loop); eager step with the refresh sharing the training forward
+  (``refresh: fused``: the estimator's ``from_loss`` API, the code path of the training module:
+  Hutchinson differentiates the training gradient once more, Gauss-Newton-Bartlett samples labels
+  from the training logits and back-propagates the sampled-label loss through the same graph); and,
+  when compiling is on, ``compile=True`` steps with the fused refresh.
 * ``state``: optimizer state bytes per parameter (``sum(t.nbytes for tensors in
   optimizer.state) / n_params``), reported excluding the 0-d ``step`` counter tensors (the
   headline, used by the targets) and including them.
@@ -54,6 +58,7 @@ Usage::
     python scripts/benchmark.py                       # full run (~15 min on 2 cores)
     python scripts/benchmark.py --smoke               # tiny model, seconds (used by the tests)
     python scripts/benchmark.py --json bench.json --threads 2 --model gpt
+    python scripts/benchmark.py --device cuda --json bench_cuda.json   # GPU (Timer synchronises)
 
 ``main(argv)`` returns the results dict (the same numbers ``--json`` writes).
 """
@@ -537,17 +542,17 @@ def measure_interleaved(
     return out
 
 
-def peak_memory(fn: Callable[[], object]) -> int:
+def peak_memory(fn: Callable[[], object], device: torch.device | None = None) -> int:
     """Peak bytes of tensor memory allocated while ``fn`` runs, above the level at its start."""
     gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         out = fn()
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
         del out
-        return int(torch.cuda.max_memory_allocated() - base)
+        return int(torch.cuda.max_memory_allocated(device) - base)
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -584,9 +589,12 @@ class Bench:
             if args.quiet
             else (lambda *a: print(f"[{time.perf_counter() - t0:7.1f} s]", *a, flush=True))
         )
+        self.device = torch.device(args.device)
         self.model, self.x, self.y, self.preds, self.model_desc = build_model(
             args.model, args.size, args.batch, args.seed
         )
+        self.model.to(self.device)
+        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
         self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.n_tensors = sum(1 for p in self.model.parameters() if p.requires_grad)
         fwd, loss_fn = closures(self.model, self.x, self.y)
@@ -834,7 +842,7 @@ class Bench:
         params = [p for p in model.parameters() if p.requires_grad]
         names_p = [n for n, p in model.named_parameters() if p.requires_grad]
         gen = torch.Generator().manual_seed(a.seed)
-        vs = [torch.randn(p.shape, generator=gen) for p in params]
+        vs = [torch.randn(p.shape, generator=gen).to(p.device) for p in params]
         fwd, loss_fn = closures(model, self.x, self.y)
 
         def hvp_rev():
@@ -890,6 +898,27 @@ class Bench:
         res["refresh"] = rows
         res["hvp"] = hv_rows
 
+    def fused_refresh_iteration(self, name: str, model: nn.Module, opt) -> Callable[[], None]:
+        """The training module's refresh iteration: ONE forward whose graph gives both the training
+        gradient and the Hessian estimate, through the estimator's ``from_loss`` API (the code path
+        of ``OptimLitModule._backward_with_refresh``)."""
+        kind = OPTIMIZERS[name][1]
+        est = Hutchinson(seed=self.args.seed + 1) if kind == "hutchinson" else GaussNewtonBartlett(seed=self.args.seed + 1)
+        fwd, loss_fn = closures(model, self.x, self.y)
+        params = opt.hessian_params()
+
+        def refresh_iteration():
+            opt.zero_grad(set_to_none=True)
+            with math_attention(getattr(est, "math_sdpa", False)):
+                logits = fwd()
+                loss = loss_fn(logits)
+                grads, estimates = est.from_loss(loss, params, logits=logits)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.update_hessian(estimates)
+
+        return refresh_iteration
+
     def run_iteration(self, res):
         a = self.args
         k = a.k
@@ -897,12 +926,15 @@ class Bench:
         rows: dict[str, dict] = {}
         cands: dict[str, Callable] = {}
         keep = []
-        entries = [(n, False) for n in a.iter_optimizers]
+        # (name, compile=True step, refresh sharing the training forward)
+        entries = [(n, False, False) for n in a.iter_optimizers]
+        entries += [(n, False, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
         if a.compile:
-            entries += [(n, True) for n in a.iter_optimizers if has_builtin_compile(n)]
-        for name, builtin in entries:
-            key = name + "+compile" if builtin else name
-            row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k)
+            entries += [(n, True, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY and has_builtin_compile(n)]
+        for name, builtin, fused in entries:
+            key = name + ("+compile" if builtin else "") + ("+fused" if fused else "")
+            row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k, step_path="compile=True" if builtin else "eager",
+                       refresh="fused" if fused else "separate")
             rows[key] = row
             try:
                 model, opt, step = self.fresh(name, builtin_compile=builtin)
@@ -912,20 +944,38 @@ class Bench:
             refresh = self.refresh_fn(name, model, opt)
             fwd, loss_fn = closures(model, self.x, self.y)
             counter = [0]
+            if fused:
+                refresh_it = self.fused_refresh_iteration(name, model, opt)
 
-            def it(opt=opt, step=step, refresh=refresh, fwd=fwd, loss_fn=loss_fn, counter=counter):
-                if refresh is not None and counter[0] % k == 0:
-                    refresh()
-                counter[0] += 1
-                opt.zero_grad(set_to_none=True)
-                loss_fn(fwd()).backward()
-                step()
+                def it(opt=opt, step=step, refresh_it=refresh_it, fwd=fwd, loss_fn=loss_fn, counter=counter):
+                    if counter[0] % k == 0:
+                        refresh_it()  # training gradient + estimate from one forward
+                    else:
+                        opt.zero_grad(set_to_none=True)
+                        loss_fn(fwd()).backward()
+                    counter[0] += 1
+                    step()
+
+            else:
+
+                def it(opt=opt, step=step, refresh=refresh, fwd=fwd, loss_fn=loss_fn, counter=counter):
+                    if refresh is not None and counter[0] % k == 0:
+                        refresh()
+                    counter[0] += 1
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(fwd()).backward()
+                    step()
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for _ in range(3 if builtin else 2):
                     it()
-            row["note"] = "no refresh" if refresh is None else f"refresh every {k}"
+            if refresh is None:
+                row["note"] = "no refresh"
+            elif fused:
+                row["note"] = f"refresh every {k}, sharing the training forward (estimator.from_loss, as the module)"
+            else:
+                row["note"] = f"refresh every {k}, separate forward (authors' loop)"
             cands[key] = it
             keep.append((model, opt))
         # timeit(number=k): k consecutive calls hold exactly one refresh whatever the phase.
@@ -949,7 +999,7 @@ class Bench:
             loss_fn(fwd()).backward()
 
         fb()
-        rows["fwd_bwd"] = dict(label="forward + backward (reference)", peak_bytes=peak_memory(fb))
+        rows["fwd_bwd"] = dict(label="forward + backward (reference)", peak_bytes=peak_memory(fb, self.device))
         for name in [n for n in self.args.optimizers if OPTIMIZERS[n][1] is not None]:
             try:
                 model, opt, _ = self.fresh(name)
@@ -957,14 +1007,14 @@ class Bench:
                 continue
             fn = self.refresh_fn(name, model, opt)
             fn()
-            rows[name] = dict(label=OPTIMIZERS[name][0] + " refresh", peak_bytes=peak_memory(fn))
+            rows[name] = dict(label=OPTIMIZERS[name][0] + " refresh", peak_bytes=peak_memory(fn, self.device))
         for r in rows.values():
             r["peak_mib"] = r["peak_bytes"] / 2**20
             r["peak_bytes_per_param"] = r["peak_bytes"] / self.n_params
         res["memory"] = dict(
             method=(
                 "cuda max_memory_allocated delta"
-                if torch.cuda.is_available()
+                if self.device.type == "cuda"
                 else "torch.profiler(profile_memory=True): max running sum of the CPU allocator's "
                 "allocation/free events during the call, i.e. peak bytes allocated by the call and not yet "
                 "freed (frees of tensors that existed before it are not subtracted; not the process RSS)"
@@ -976,6 +1026,15 @@ class Bench:
     def run_denormal(self, res):
         a = self.args
         self.log("== denormal: SophiaH step with a Hessian EMA in the denormal range")
+        if self.device.type != "cpu":
+            note = "CPU only (set_flush_denormal sets the CPU's FTZ/DAZ bits)"
+            res["denormal"] = {
+                "ftz_off": dict(label="SophiaH step, denormal Hessian, set_flush_denormal(False)", status="skipped",
+                                note=note),
+                "ftz_on": dict(label="SophiaH step, denormal Hessian, set_flush_denormal(True)", status="skipped",
+                               note=note),
+            }
+            return
         model, opt, fn = self.fresh("sophia_h")
         n_den = 0
         for st in opt.state.values():
@@ -1080,7 +1139,9 @@ def evaluate_targets(res) -> list[dict]:
         base = _med(it.get("adamw_fused"))
         for n, thr in (("sophia_g", 1.10), ("sophia_h", 1.25), ("flat_sophia", 1.25)):
             if n in it:
-                keys = ((n, "eager step"), (n + "+compile", "compile=True step"))
+                keys = ((n, "eager step, separate refresh"), (n + "+fused", "eager step, fused refresh"),
+                        (n + "+compile", "compile=True step, separate refresh"),
+                        (n + "+compile+fused", "compile=True step, fused refresh"))
                 paths = [(_med(it[key]), path) for key, path in keys if _med(it.get(key)) is not None]
                 best = min(paths) if paths else (None, None)
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
@@ -1120,7 +1181,8 @@ def markdown(res) -> str:
     m = res["meta"]
     lines = [
         f"Model: {m['model_desc']} — {m['n_params']:,} parameters in {m['n_tensors']} tensors; "
-        f"torch {m['torch']}, {m['threads']} thread(s), {m['cpu']}; {m['rounds']} interleaved rounds.",
+        f"torch {m['torch']}, device {m.get('device', 'cpu')}, {m['threads']} thread(s), {m['cpu']}; "
+        f"{m['rounds']} interleaved rounds.",
         "",
         "Times in ms (median, min, max, IQR over all per-call samples). `x fused AdamW`: step rows vs the "
         "eager fused-AdamW step; iteration, refresh and HVP rows vs the fused-AdamW training iteration.",
@@ -1143,7 +1205,7 @@ def markdown(res) -> str:
         for variant, r in variants.items():
             row("step", r["label"], PATH_NAMES.get(variant, variant), r)
     for name, r in res.get("iteration", {}).items():
-        row("iteration", r["label"], "compile=True" if name.endswith("+compile") else "eager", r)
+        row("iteration", r["label"], r.get("step_path") or ("compile=True" if "+compile" in name else "eager"), r)
     for r in res.get("refresh", {}).values():
         row("refresh", r["label"], "eager", r)
     for r in res.get("hvp", {}).values():
@@ -1193,6 +1255,9 @@ def parse_args(argv):
                    help="model preset; base ~5.4M parameters (default)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default per model/size)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu (default) or cuda[:i]; CUDA timings synchronise (torch.utils.benchmark.Timer), "
+                   "peak memory is torch.cuda.max_memory_allocated")
     p.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds (default 5; smoke 2)")
     p.add_argument("--soap-rounds", type=int, default=None,
                    help="rounds for the (slow) SOAP steps, 10 steps each (default 2; smoke 2)")
@@ -1216,6 +1281,14 @@ def parse_args(argv):
     a = p.parse_args(argv)
     if a.smoke:
         a.size = "tiny"
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError as e:
+        p.error(f"invalid --device {a.device!r}: {e}")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {a.device!r}: only cpu and cuda are supported")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device!r}: CUDA is not available in this torch build / machine")
     a.rounds = a.rounds or (2 if a.smoke else 5)
     a.soap_rounds = min(a.soap_rounds or 2, a.rounds)
     a.min_run_time = a.min_run_time if a.min_run_time is not None else (0.01 if a.smoke else 0.5)
@@ -1253,6 +1326,8 @@ def _jsonable(v):
 def main(argv=None) -> dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    if torch.device(a.device).type == "cuda" and torch.device(a.device).index is not None:
+        torch.cuda.set_device(torch.device(a.device))
     t_start = time.perf_counter()
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     bench = Bench(a)
@@ -1262,6 +1337,7 @@ def main(argv=None) -> dict:
             torch=torch.__version__,
             python=platform.python_version(),
             cpu=f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores",
+            device=_device_name(bench.device),
             threads=a.threads,
             model=a.model,
             size=a.size,
@@ -1302,6 +1378,12 @@ def main(argv=None) -> dict:
         with open(a.json, "w") as fh:
             json.dump(res, fh, indent=2)
     return res
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda})"
+    return "cpu"
 
 
 def _cpu_name() -> str:

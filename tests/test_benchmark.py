@@ -130,3 +130,29 @@ def test_markdown_and_json_match(smoke):
     assert "| target |" in md and ("PASS" in md or "FAIL" in md)
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(json.dumps(res))
+
+
+def test_fused_refresh_iteration_rows(smoke):
+    """The iteration section also times the module's code path: the refresh shares the training
+    forward through the estimator's ``from_loss`` (GNB and Hutchinson)."""
+    _, res, _ = smoke
+    it = res["iteration"]
+    for name in ("sophia_g", "sophia_h", "flat_sophia"):
+        row = it[name + "+fused"]
+        assert row["status"] == "ok" and row["refresh"] == "fused" and row["step_path"] == "eager", row
+        assert _finite_pos(row["median_ms"]) and "from_loss" in row["note"]
+        assert it[name]["refresh"] == "separate"
+    details = [t["detail"] for t in res["targets"] if "iteration" in t["name"]]
+    assert details and all("fastest = " in d for d in details)
+
+
+def test_device_argument_is_validated():
+    bench = _load()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "tpu"])
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+    assert bench.parse_args(["--smoke"]).device == "cpu"

@@ -175,3 +175,34 @@ def test_feeds_sophia_g():
             assert p not in opt.state
         else:
             torch.testing.assert_close(opt.state[p]["hessian"], 0.1 * g * g)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_from_loss_shares_the_training_forward(masked):
+    """One forward: the training gradient and the sampled-label gradient equal the two-forward path."""
+    torch.manual_seed(3)
+    model = Classifier().to(F64)
+    x = torch.randn(16, 6, dtype=F64)
+    y = torch.randint(0, 4, (16,))
+    params = list(model.parameters())
+    valid = (torch.arange(16) % 3 != 0) if masked else None
+    separate_est = GaussNewtonBartlett(seed=11)
+    expected = separate_est(lambda: model(x), None, params, valid_mask=valid)
+    expected_grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
+
+    fused_est = GaussNewtonBartlett(seed=11)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    grads, estimates = fused_est.from_loss(loss, params, logits=logits, valid_mask=valid)
+    for e, f in zip(expected, estimates):
+        assert (e is None) == (f is None)
+        if e is not None:
+            assert torch.equal(e, f)
+    for e, g in zip(expected_grads, grads):
+        assert (e is None) == (g is None)
+        if e is not None:
+            assert torch.equal(e, g) and not g.requires_grad
+    # Both estimators advanced their generators identically: the next draws agree too.
+    assert torch.equal(separate_est.generator("cpu").get_state(), fused_est.generator("cpu").get_state())
+    with pytest.raises(ValueError, match="needs the logits"):
+        fused_est.from_loss(F.cross_entropy(model(x), y), params)

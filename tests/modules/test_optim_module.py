@@ -9,9 +9,9 @@ from _helpers import DumpState, dataset, loader, make_module, trainer
 from flatsophia.optim import OPTIMIZERS
 
 
-def _fit(tmp_path, name, steps=None, epochs=None, ds=None, **module_kwargs):
+def _fit(tmp_path, name, steps=None, epochs=None, ds=None, _module=None, **module_kwargs):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    module = make_module(name, **module_kwargs)
+    module = _module if _module is not None else make_module(name, **module_kwargs)
     calls = []
     inner = module._apply_estimates
 
@@ -133,12 +133,26 @@ def test_refresh_does_not_change_the_step_gradient(tmp_path):
         assert torch.equal(b, p.grad)
 
 
+@pytest.mark.parametrize("name", ["flat_sophia", "sophia_g"])
 @pytest.mark.parametrize("accumulate", [1, 2])
-def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate):
-    """Sharing the training forward with the Hutchinson refresh changes nothing but the cost."""
-    fused_module, _, fused_calls, fused = _fit(tmp_path / "f", "flat_sophia", steps=9, accumulate=accumulate)
-    assert fused_calls == [0, 3, 6]
-    module = make_module("flat_sophia", accumulate=accumulate)
+def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate, name):
+    """Sharing the training forward with the refresh (Hutchinson: one more backward through the
+    gradient; GNB: labels sampled from the training logits, back-propagated through the same graph)
+    changes nothing but the cost."""
+    fused_module = make_module(name, accumulate=accumulate)
+    assert fused_module._can_fuse_refresh.__func__ is type(fused_module)._can_fuse_refresh
+    fused_used = []
+    inner = fused_module._backward_with_refresh
+
+    def spy(*args):
+        fused_used.append(True)
+        return inner(*args)
+
+    fused_module._backward_with_refresh = spy
+    fused_module, _, fused_calls, fused = _fit(tmp_path / "f", name, steps=9, accumulate=accumulate,
+                                               _module=fused_module)
+    assert fused_calls == [0, 3, 6] and len(fused_used) == 3
+    module = make_module(name, accumulate=accumulate)
     module._can_fuse_refresh = lambda: False
     t = trainer(tmp_path / "s", callbacks=[DumpState(str(tmp_path))], max_steps=9)
     t.fit(module, loader(dataset(n=64)))
@@ -146,3 +160,19 @@ def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate):
     assert module.hessian_refreshes == fused_module.hessian_refreshes == 3
     for k in fused["params"]:
         torch.testing.assert_close(fused["params"][k], separate["params"][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["soap", "flat_sophia"])
+def test_bf16_mixed_precision_steps_outside_autocast(tmp_path, name):
+    """Lightning runs training_step under autocast; SOAP's projections must still be fp32 (its
+    state is): before the fix the step failed with a bf16/fp32 dtype mismatch."""
+    module = make_module(name)
+    before = [p.detach().clone() for p in module.parameters()]
+    t = trainer(tmp_path, precision="bf16-mixed", max_steps=5)
+    t.fit(module, loader(dataset()))
+    assert module.global_step == 5
+    state = module.optimizers().optimizer.state
+    floats = [v for s in state.values() for v in s.values() if torch.is_tensor(v) and v.is_floating_point()]
+    assert floats and all(v.dtype == torch.float32 for v in floats)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), before))

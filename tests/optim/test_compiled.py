@@ -47,7 +47,7 @@ def test_compile_failure_falls_back_to_eager_and_says_why(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
 
-    kernel = _kernels.CompiledKernel(_kernels._sophia_h_lists)
+    kernel = _kernels.CompiledKernel(_kernels._sophia_h_multi)
     monkeypatch.setattr(_kernels, "SOPHIA_H_COMPILED", kernel)
     monkeypatch.setattr("flatsophia.optim.sophia_h.SOPHIA_H_COMPILED", kernel)
     monkeypatch.setattr(torch, "compile", broken)

@@ -37,36 +37,70 @@ class GaussNewtonBartlett(HessianEstimator):
     ) -> list[torch.Tensor | None]:
         params = list(params)
         with torch.enable_grad():
-            logits = forward()
-            if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
-                raise ValueError(
-                    "Gauss-Newton-Bartlett needs categorical logits shaped (..., num_classes) to sample "
-                    f"labels from; got {getattr(logits, 'shape', type(logits).__name__)}. For other losses "
-                    "use the Hutchinson estimator (hessian=hutchinson, e.g. optimizer=sophia_h)."
-                )
-            flat = logits.reshape(-1, logits.shape[-1])
-            valid = None
-            if valid_mask is not None:
-                valid = torch.as_tensor(valid_mask, device=flat.device).reshape(-1).bool()
-                if valid.numel() != flat.shape[0]:
-                    raise ValueError(
-                        f"valid_mask has {valid.numel()} entries for {flat.shape[0]} predictions "
-                        f"(logits shaped {tuple(logits.shape)}); it must match logits.shape[:-1]"
-                    )
-            with torch.no_grad():
-                probs = torch.softmax(flat.float(), dim=-1)
-                yhat = self.sample_labels(probs)
-                if valid is not None:
-                    yhat = torch.where(valid, yhat, torch.full_like(yhat, -100))
-            if valid is None:
-                loss = F.cross_entropy(flat, yhat)
-            else:
-                # Mean over the valid positions; with none, zero gradients (the "mean" reduction
-                # would divide by zero and return NaN).
-                total = F.cross_entropy(flat, yhat, ignore_index=-100, reduction="sum")
-                loss = total / valid.sum().clamp(min=1)
+            loss = self.sampled_loss(forward(), valid_mask)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         return list(grads)
+
+    def from_loss(
+        self,
+        loss: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        logits: torch.Tensor | None = None,
+        valid_mask: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
+        """Training gradients and the sampled-label gradients from ONE forward pass.
+
+        ``logits`` is the output of the forward that produced the training ``loss`` (run with
+        gradients enabled). Labels are sampled from its detached softmax, exactly as
+        :meth:`__call__` does on a fresh forward, and both losses are differentiated through the
+        same graph (the first backward keeps it with ``retain_graph=True``), so the refresh costs
+        one extra backward instead of a forward and a backward. With the same generator state
+        and a deterministic forward, the estimates equal those of :meth:`__call__`.
+
+        Returns:
+            ``(grads, estimates)``: the detached gradient of ``loss`` and the sampled-label gradient
+            ``ghat`` per parameter (``None`` where the respective loss does not reach it).
+        """
+        if logits is None:
+            raise ValueError(
+                "GaussNewtonBartlett.from_loss needs the logits of the forward that produced the loss "
+                "(logits=...) to sample labels from"
+            )
+        params = list(params)
+        with torch.enable_grad():
+            sampled = self.sampled_loss(logits, valid_mask)
+            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            ghat = torch.autograd.grad(sampled, params, allow_unused=True)
+        return [None if g is None else g.detach() for g in grads], list(ghat)
+
+    def sampled_loss(self, logits: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` on labels drawn from their own (detached) softmax."""
+        if not isinstance(logits, torch.Tensor) or logits.ndim < 2 or not logits.is_floating_point():
+            raise ValueError(
+                "Gauss-Newton-Bartlett needs categorical logits shaped (..., num_classes) to sample "
+                f"labels from; got {getattr(logits, 'shape', type(logits).__name__)}. For other losses "
+                "use the Hutchinson estimator (hessian=hutchinson, e.g. optimizer=sophia_h)."
+            )
+        flat = logits.reshape(-1, logits.shape[-1])
+        valid = None
+        if valid_mask is not None:
+            valid = torch.as_tensor(valid_mask, device=flat.device).reshape(-1).bool()
+            if valid.numel() != flat.shape[0]:
+                raise ValueError(
+                    f"valid_mask has {valid.numel()} entries for {flat.shape[0]} predictions "
+                    f"(logits shaped {tuple(logits.shape)}); it must match logits.shape[:-1]"
+                )
+        with torch.no_grad():
+            probs = torch.softmax(flat.detach().float(), dim=-1)
+            yhat = self.sample_labels(probs)
+            if valid is not None:
+                yhat = torch.where(valid, yhat, torch.full_like(yhat, -100))
+        if valid is None:
+            return F.cross_entropy(flat, yhat)
+        # Mean over the valid positions; with none, zero gradients (the "mean" reduction
+        # would divide by zero and return NaN).
+        total = F.cross_entropy(flat, yhat, ignore_index=-100, reduction="sum")
+        return total / valid.sum().clamp(min=1)
 
     def sample_labels(self, probs: torch.Tensor) -> torch.Tensor:
         """One label per row of ``probs`` (N, C), drawn from this estimator's generator."""

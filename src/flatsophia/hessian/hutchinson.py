@@ -62,13 +62,14 @@ class Hutchinson(HessianEstimator):
             return self.from_loss(loss, params)[1]
 
     def from_loss(
-        self, loss: torch.Tensor, params: Sequence[torch.Tensor]
+        self, loss: torch.Tensor, params: Sequence[torch.Tensor], logits: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Gradients and estimates from an already computed ``loss`` (one forward saved).
 
         The training loop uses this on a refresh step to take the training gradient and the
         Hessian-vector products from the same forward pass. The forward must have run with
         gradients enabled (and, for attention, under :func:`~flatsophia.hessian.base.math_attention`).
+        ``logits`` is accepted (and unused) so that both estimators share one call signature.
 
         Returns:
             ``(grads, estimates)``: the detached gradient of ``loss`` and ``v * (H v)`` per parameter

@@ -8,6 +8,7 @@ refresh every ``hessian.every_k`` optimizer steps (or at random with probability
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -71,6 +72,14 @@ def check_module_options(accumulate=1, grad_clip=None, nonfinite="skip", log_sta
         raise ValueError(f"Invalid module.nonfinite: {nonfinite!r} (choose one of {', '.join(NONFINITE_POLICIES)})")
     if not isinstance(log_stats_every, int) or isinstance(log_stats_every, bool) or log_stats_every < 1:
         raise ValueError(f"Invalid module.log_stats_every: {log_stats_every!r} (expected an integer >= 1)")
+
+
+def _autocast_off(device: torch.device):
+    """A context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # device type without autocast support
+        return contextlib.nullcontext()
 
 
 class OptimLitModule(L.LightningModule):
@@ -247,14 +256,16 @@ class OptimLitModule(L.LightningModule):
         return loss.detach()
 
     def _can_fuse_refresh(self) -> bool:
-        """Whether this optimizer step's Hutchinson refresh can share the training forward pass.
+        """Whether this optimizer step's Hessian refresh can share the training forward pass.
 
-        Only on one process (under DDP the training gradient must go through DDP's hooks), without
-        fp16 loss scaling, and for the fixed every-k schedule (the random one draws after the
-        non-finite check).
+        Both estimators can: Hutchinson differentiates the training gradient once more, and
+        Gauss-Newton-Bartlett samples its labels from the training logits and back-propagates the
+        sampled-label loss through the same graph. Only on one process (under DDP the training
+        gradient must go through DDP's hooks), without fp16 loss scaling, and for the fixed every-k
+        schedule (the random one draws after the non-finite check).
         """
         return (
-            self.estimator_name == "hutchinson"
+            self.estimator_name in ("hutchinson", "gnb")
             and self.hessian_cfg["refresh_prob"] is None
             and self.global_step % self.hessian_cfg["every_k"] == 0
             and self.trainer.world_size == 1
@@ -262,11 +273,12 @@ class OptimLitModule(L.LightningModule):
         )
 
     def _backward_with_refresh(self, opt, x, y):
-        """One forward, the training gradient and the Hutchinson estimate together (saves a pass)."""
+        """One forward, the training gradient and the Hessian estimate together (saves a forward)."""
         params = opt.optimizer.hessian_params()
-        with math_attention(self.estimator.math_sdpa):
-            loss = self.loss_fn(self.net(x), y)
-            grads, estimates = self._run_estimator(lambda: self.estimator.from_loss(loss, params))
+        with math_attention(getattr(self.estimator, "math_sdpa", False)):
+            logits = self.net(x)
+            loss = self.loss_fn(logits, y)
+            grads, estimates = self._run_estimator(lambda: self.estimator.from_loss(loss, params, logits=logits))
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -294,7 +306,10 @@ class OptimLitModule(L.LightningModule):
         kwargs = {"collect_stats": True} if collect else {}
         if self.estimator_name == "gnb":
             kwargs["bs"] = preds
-        opt.step(**kwargs)
+        # Lightning runs training_step under autocast for *-mixed precision; the optimizer must not:
+        # its matmuls (SOAP's projections) would come out in bf16/fp16 and mix with fp32 state.
+        with _autocast_off(self.device):
+            opt.step(**kwargs)
         opt.zero_grad(set_to_none=True)
         self.lr_schedulers().step()
         # Compute time of this optimizer step (forward/backward of its micro-batches, refresh, step);

@@ -64,23 +64,56 @@ def sophia_h_direction(mu, hess, *, bias_correction, gamma, eps, scratch: Scratc
 
 
 # ------------------------------------------------------------------------ compiled kernels
-def _sophia_g_lists(params, grads, exp_avgs, hessians, lr, wd, scale, beta1: float):
-    for p, g, m, h in zip(params, grads, exp_avgs, hessians):
-        p.mul_(1 - lr * wd)
-        m.mul_(beta1).add_(g * (1 - beta1))
-        denom = (h * scale).clamp(min=0) + SOPHIA_G_EPS
-        p.sub_(lr * (m / denom).clamp(-1, 1))
+# One compiled call per optimizer step covers every parameter group: ``counts`` (a tuple of ints,
+# a compile-time constant) says how many consecutive list entries belong to each group, and ``hp``
+# (one small tensor built per step) holds each group's changing hyperparameters, so a schedule
+# does not recompile and dynamo evaluates its guards once per step, not once per group. The 0-d
+# ``step`` counters are incremented inside the kernel (no per-tensor Python dispatch), and
+# Sophia-H's bias correction is computed there from each parameter's own counter (no ``.item()``).
+def _sophia_g_multi(params, grads, exp_avgs, hessians, steps, hp, counts, beta1s):
+    start = 0
+    for gi, n in enumerate(counts):
+        lr, wd, scale = hp[gi, 0], hp[gi, 1], hp[gi, 2]
+        beta1 = beta1s[gi]
+        for j in range(start, start + n):
+            p, g, m, h = params[j], grads[j], exp_avgs[j], hessians[j]
+            steps[j].add_(1)
+            p.mul_(1 - lr * wd)
+            m.mul_(beta1).add_(g * (1 - beta1))
+            denom = (h * scale).clamp(min=0) + SOPHIA_G_EPS
+            p.sub_(lr * (m / denom).clamp(-1, 1))
+        start += n
 
 
-def _sophia_h_lists(params, grads, exp_avgs, hessians, masks, lr, wd, bias_correction, beta1, gamma, eps, clip):
-    for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avgs, hessians)):
-        m.mul_(beta1).add_(g * (1 - beta1))
-        u = (m / bias_correction) / (h * gamma).clamp(min=eps)
-        if clip is not None:
-            u = u.clamp(-clip, clip)
-        if masks is not None:
-            u = u / masks[i]
-        p.sub_(lr * (u + wd * p))
+def _sophia_h_multi(params, grads, exp_avgs, hessians, masks, steps, hp, counts, consts):
+    """``consts[gi] = (beta1, gamma, eps, clip, damp)``; ``masks`` is ``None`` or FlatSophia's int8 masks.
+
+    The mask holds 1 or the integer ``damp``, so ``u / mask`` equals ``where(mask == 1, u, u / damp)``
+    bit for bit. The division is kept: Inductor's AVX2 code loads 8 int8 lanes through a scalar
+    ``memcpy`` either way, and the ``where`` form measured 2.4x slower than the division on CPU
+    (int8 -> float conversion and one ``vdivps``; see docs/performance.md).
+    """
+    start = 0
+    for gi, n in enumerate(counts):
+        lr, wd = hp[gi, 0], hp[gi, 1]
+        beta1, gamma, eps, clip, damp = consts[gi]
+        for j in range(start, start + n):
+            steps[j].add_(1)
+        # One small buffer of the group's bias corrections (read by every parameter's loop, so
+        # Inductor materialises it once instead of recomputing ``pow`` per vector of elements).
+        bias_corrections = torch.stack(
+            [(1 - beta1 ** steps[j].to(torch.float64)).to(hp.dtype) for j in range(start, start + n)]
+        )
+        for j in range(start, start + n):
+            p, g, m, h = params[j], grads[j], exp_avgs[j], hessians[j]
+            m.mul_(beta1).add_(g * (1 - beta1))
+            u = (m / bias_corrections[j - start]) / (h * gamma).clamp(min=eps)
+            if clip is not None:
+                u = u.clamp(-clip, clip)
+            if masks is not None:
+                u = u / masks[j]
+            p.sub_(lr * (u + wd * p))
+        start += n
 
 
 class CompiledKernel:
@@ -106,11 +139,15 @@ class CompiledKernel:
             return False
 
 
-SOPHIA_G_COMPILED = CompiledKernel(_sophia_g_lists)
-SOPHIA_H_COMPILED = CompiledKernel(_sophia_h_lists)
+SOPHIA_G_COMPILED = CompiledKernel(_sophia_g_multi)
+SOPHIA_H_COMPILED = CompiledKernel(_sophia_h_multi)
 
 
-def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor on ``like``'s device (compiled kernels take changing scalars as tensors)."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.tensor(value, dtype=dtype, device=like.device)
+def scalar_dtype(like: torch.Tensor) -> torch.dtype:
+    """dtype of the changing scalars handed to a compiled kernel: float64 for float64 parameters."""
+    return torch.float64 if like.dtype == torch.float64 else torch.float32
+
+
+def hyper_tensor(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    """Per-group hyperparameters as one ``(groups, k)`` tensor on ``like``'s device (one copy per step)."""
+    return torch.tensor(rows, dtype=scalar_dtype(like), device=like.device)

@@ -8,6 +8,8 @@ This is an independent PyTorch implementation of the reference's semantics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import check_nonneg
@@ -116,6 +118,9 @@ class FlatSophia(SophiaH):
     def _direction_divisor(self, state: dict) -> torch.Tensor | None:
         return state.get("mask") if self._masking else None
 
+    def _mask_damp(self) -> int | None:
+        return self.defaults["dampening_factor"] if self._masking else None
+
     @torch.no_grad()
     def _after_hessian_update(self, pairs, groups) -> None:
         if not self._masking or not pairs:
@@ -140,12 +145,22 @@ class FlatSophia(SophiaH):
         dtype = torch.float32
         for _, e in sources:
             dtype = torch.promote_types(dtype, e.dtype)
-        flat = torch.cat([e.detach().reshape(-1).to(dtype).abs() for _, e in sources])
-        # The k-th largest |d| is the (n - k + 1)-th smallest.
-        tau = torch.kthvalue(flat, n_total - k + 1).values
+        flat = torch.cat([e.detach().reshape(-1).to(dtype) for _, e in sources]).abs_()
+        tau = kth_largest(flat, k)
+        # One compare over everything; bool is stored as bytes 0/1, so 1 + (damp - 1) * sharp is
+        # the int8 mask in one cheap integer pass per tensor (no where / float temporaries).
+        sharp = torch.gt(flat, tau).view(torch.int8)
+        one = torch.ones((), dtype=torch.int8, device=flat.device)
+        offset = 0
         for p, e in sources:
-            sharp = e.detach().to(dtype).abs() > tau
-            self.state[p]["mask"].copy_(sharp.to(torch.int8).mul_(damp - 1).add_(1))
+            n = e.numel()
+            part = sharp[offset : offset + n].view(e.shape)
+            offset += n
+            mask = self.state[p]["mask"]
+            if mask.is_contiguous() and mask.device == flat.device:
+                torch.add(one, part, alpha=damp - 1, out=mask)
+            else:
+                mask.copy_(torch.add(one, part, alpha=damp - 1))
 
     @torch.no_grad()
     def stats(self) -> dict[str, torch.Tensor]:
@@ -156,3 +171,46 @@ class FlatSophia(SophiaH):
             n = sum(m.numel() for m in masks)
             out["masked_frac"] = sum((m != 1).sum() for m in masks).float() / n
         return out
+
+
+#: Below this many values :func:`kth_largest` calls ``torch.kthvalue`` directly.
+KTH_DIRECT_BELOW = 1 << 18
+#: Size of the strided subsample that brackets the threshold.
+KTH_SAMPLE = 1 << 14
+
+
+def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest value of the 1-d tensor ``flat`` (0-d tensor), exactly as
+    ``torch.kthvalue(flat, flat.numel() - k + 1).values``, but in a few passes over memory.
+
+    ``kthvalue`` over millions of values is a selection with random access (65 ms for 5.4M floats
+    on 2 CPU cores). Here a strided subsample of :data:`KTH_SAMPLE` values gives two bracket
+    values ``lo <= hi`` around the ``k / n`` quantile, with a margin of 4 binomial standard
+    deviations plus 2 ranks; two counting passes check that the true ``k``-th largest lies in
+    ``[lo, hi]`` (fewer than ``k`` values above ``hi``, at least ``k`` values at or above ``lo``),
+    and ``kthvalue`` then runs only on the few values inside the bracket, at rank ``k`` minus the
+    count above ``hi``. If the bracket misses (an adversarially ordered input), it falls back to
+    ``kthvalue`` over everything, so the result is always exact. ``flat`` must not hold NaN.
+    """
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"kth_largest: k={k} out of range for {n} values")
+    if n < KTH_DIRECT_BELOW:
+        return torch.kthvalue(flat, n - k + 1).values
+    stride = n // KTH_SAMPLE
+    sample = flat[::stride]
+    s = sample.numel()
+    q = k / n
+    margin = 4.0 * math.sqrt(s * q * (1.0 - q)) + 2.0
+    k_hi = max(1, math.floor(q * s - margin))  # fewer from the top: a value at or above the k-th largest
+    k_lo = min(s, math.ceil(q * s + margin))  # more from the top: a value at or below it
+    hi = torch.kthvalue(sample, s - k_hi + 1).values
+    lo = torch.kthvalue(sample, s - k_lo + 1).values
+    above = torch.gt(flat, hi)
+    n_above = int(torch.count_nonzero(above))
+    inside = torch.ge(flat, lo).logical_and_(above.logical_not_())
+    n_inside = int(torch.count_nonzero(inside))
+    if not n_above < k <= n_above + n_inside:
+        return torch.kthvalue(flat, n - k + 1).values
+    candidates = flat[inside]
+    return torch.kthvalue(candidates, n_inside - (k - n_above) + 1).values

@@ -24,7 +24,7 @@ from ._common import (
     hessian_ema_stats,
     hessian_params,
 )
-from ._kernels import SOPHIA_G_COMPILED, Scratch, scalar, sophia_g_eager
+from ._kernels import SOPHIA_G_COMPILED, Scratch, hyper_tensor, scalar_dtype, sophia_g_eager
 
 __all__ = ["SophiaG"]
 
@@ -112,7 +112,7 @@ class SophiaG(Optimizer):
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device=p.device if self.compile else None)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
@@ -171,12 +171,13 @@ class SophiaG(Optimizer):
                 loss = closure()
         if bs is not None:
             check_positive("bs", bs)
+        if self.compile and not collect_stats and self._compiled_step(bs):
+            return loss
         n_kept = n_total = sq_sum = None
         for group in self.param_groups:
             beta1, _ = group["betas"]
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             scale = rho * (bs if bs is not None else group["bs"])
-            params, grads, exp_avgs, hessians = [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -184,20 +185,10 @@ class SophiaG(Optimizer):
                     raise RuntimeError("SophiaG does not support sparse gradients")
                 state = self._init_state(p)
                 state["step"] += 1
-                params.append(p)
-                grads.append(-p.grad if group["maximize"] else p.grad)
-                exp_avgs.append(state["exp_avg"])
-                hessians.append(state["hessian"])
-            if not params:
-                continue
-            if self.compile and not collect_stats:
-                ref = params[0]
-                args = (scalar(lr, ref), scalar(wd, ref), scalar(scale, ref), beta1)
-                if SOPHIA_G_COMPILED(params, grads, exp_avgs, hessians, *args):
-                    continue
-            for p, grad, exp_avg, hess in zip(params, grads, exp_avgs, hessians):
+                grad = -p.grad if group["maximize"] else p.grad
                 ratio = sophia_g_eager(
-                    p, grad, exp_avg, hess, lr=lr, wd=wd, beta1=beta1, scale=scale, scratch=self._scratch
+                    p, grad, state["exp_avg"], state["hessian"], lr=lr, wd=wd, beta1=beta1, scale=scale,
+                    scratch=self._scratch,
                 )
                 if collect_stats:
                     kept = (ratio.abs() < 1).sum()
@@ -210,6 +201,42 @@ class SophiaG(Optimizer):
             self._last_step_stats["win_rate"] = n_kept.float() / n_total
             self._last_step_stats["update_rms"] = (sq_sum.float() / n_total).sqrt()
         return loss
+
+    def _compiled_step(self, bs: float | None) -> bool:
+        """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""
+        params, grads, exp_avgs, hessians, steps, counts, beta1s, hp = [], [], [], [], [], [], [], []
+        for group in self.param_groups:
+            n = 0
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("SophiaG does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state = self._init_state(p)
+                params.append(p)
+                grads.append(-grad if group["maximize"] else grad)
+                exp_avgs.append(state["exp_avg"])
+                hessians.append(state["hessian"])
+                step_t = state["step"]
+                if step_t.device != p.device:  # the compiled kernel keeps counters on the device (no sync)
+                    step_t = state["step"] = step_t.to(p.device)
+                steps.append(step_t)
+                n += 1
+            if n:
+                counts.append(n)
+                beta1s.append(group["betas"][0])
+                hp.append([group["lr"], group["weight_decay"], group["rho"] * (bs if bs is not None else group["bs"])])
+        if not params:
+            return True
+        dtype = scalar_dtype(params[0])
+        if any(scalar_dtype(p) != dtype for p in params):
+            return False
+        return SOPHIA_G_COMPILED(
+            params, grads, exp_avgs, hessians, steps, hyper_tensor(hp, params[0]), tuple(counts), tuple(beta1s)
+        )
 
     @torch.no_grad()
     def stats(self) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from ._common import (
     hessian_ema_stats,
     hessian_params,
 )
-from ._kernels import SOPHIA_H_COMPILED, Scratch, scalar, sophia_h_direction
+from ._kernels import SOPHIA_H_COMPILED, Scratch, hyper_tensor, scalar_dtype, sophia_h_direction
 
 __all__ = ["SophiaH"]
 
@@ -147,7 +147,7 @@ class SophiaH(Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            state["step"] = torch.tensor(0.0)
+            state["step"] = torch.tensor(0.0, device=p.device if self.compile else None)
             mu_dtype = group["mu_dtype"] or p.dtype
             state["exp_avg"] = torch.zeros_like(p, dtype=mu_dtype, memory_format=torch.preserve_format)
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -180,11 +180,20 @@ class SophiaH(Optimizer):
             return False
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
         pairs = [(p, e) for p, e in zip(params, estimates) if e is not None]
+        by_beta: dict[float, tuple[list, list]] = {}
         for p, e in pairs:
             group = groups[id(p)]
             b2 = group["betas"][1]
-            state = self._init_state(p, group)
-            state["hessian"].mul_(b2).add_(e, alpha=1 - b2)
+            h = self._init_state(p, group)["hessian"]
+            if e.dtype != h.dtype or e.device != h.device:
+                h.mul_(b2).add_(e, alpha=1 - b2)
+                continue
+            hs, es = by_beta.setdefault(b2, ([], []))
+            hs.append(h)
+            es.append(e)
+        for b2, (hs, es) in by_beta.items():  # h = b2 * h + (1 - b2) * e, one dispatch per group
+            torch._foreach_mul_(hs, b2)
+            torch._foreach_add_(hs, es, alpha=1 - b2)
         self._after_hessian_update(pairs, groups)
         return True
 
@@ -210,6 +219,8 @@ class SophiaH(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.compile and not collect_stats and self._compiled_step():
+            return loss
         n_kept = sq_sum = None
         n_total = 0
         for group in self.param_groups:
@@ -227,8 +238,6 @@ class SophiaH(Optimizer):
             if not params:
                 continue
             bias_correction = 1 - beta1 ** self.state[params[0]]["step"].item()
-            if self.compile and not collect_stats and self._compiled_group(params, group, bias_correction):
-                continue
             for p in params:
                 state = self.state[p]
                 exp_avg = state["exp_avg"]
@@ -259,6 +268,10 @@ class SophiaH(Optimizer):
                     u.clamp_(-clip, clip)
                 divisor = self._direction_divisor(state)
                 if divisor is not None:
+                    # int8 -> float into a scratch buffer (exact for |mask| <= 127), then divide:
+                    # the same numbers as u / mask without a fresh float temporary per tensor.
+                    if divisor.dtype != u.dtype:
+                        divisor = self._scratch.get(2, u).copy_(divisor)
                     u.div_(divisor)
                 if collect_stats:
                     sq = u.float().square().sum()
@@ -272,31 +285,58 @@ class SophiaH(Optimizer):
             self._last_step_stats["update_rms"] = (sq_sum / n_total).sqrt()
         return loss
 
-    def _compiled_group(self, params: list, group: dict, bias_correction: float) -> bool:
-        """Run one group's update with the fused compiled kernel; ``False`` if it cannot be used."""
-        states = [self.state[p] for p in params]
-        if any(s["exp_avg"].dtype != p.dtype for s, p in zip(states, params)):
+    def _mask_damp(self) -> int | None:
+        """FlatSophia's dampening factor when its mask is in use (``None`` here: no mask)."""
+        return None
+
+    def _compiled_step(self) -> bool:
+        """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""
+        damp = self._mask_damp()
+        params, grads, exp_avgs, hessians, masks, steps, counts, consts, hp = [], [], [], [], [], [], [], [], []
+        for group in self.param_groups:
+            n = 0
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state = self._init_state(p, group)
+                exp_avg = state["exp_avg"]
+                if exp_avg.dtype != p.dtype:  # a mu_dtype other than the parameter's: eager
+                    return False
+                params.append(p)
+                grads.append(grad)
+                exp_avgs.append(exp_avg)
+                hessians.append(state["hessian"])
+                step_t = state["step"]
+                if step_t.device != p.device:  # the compiled kernel keeps counters on the device (no sync)
+                    step_t = state["step"] = step_t.to(p.device)
+                steps.append(step_t)
+                if damp is not None:
+                    masks.append(state["mask"])
+                n += 1
+            if n:
+                counts.append(n)
+                consts.append((group["betas"][0], group["gamma"], group["eps"], group["clip_threshold"], damp))
+                hp.append([group["lr"], group["weight_decay"]])
+        if not params:
+            return True
+        dtype = scalar_dtype(params[0])
+        if any(scalar_dtype(p) != dtype for p in params):
             return False
-        if len({s["step"].item() for s in states}) != 1:
-            return False
-        masks = [self._direction_divisor(s) for s in states]
-        masks = None if all(m is None for m in masks) else masks
-        if masks is not None and any(m is None for m in masks):
-            return False
-        ref = params[0]
         return SOPHIA_H_COMPILED(
             params,
-            [p.grad for p in params],
-            [s["exp_avg"] for s in states],
-            [s["hessian"] for s in states],
-            masks,
-            scalar(group["lr"], ref),
-            scalar(group["weight_decay"], ref),
-            scalar(bias_correction, ref),
-            group["betas"][0],
-            group["gamma"],
-            group["eps"],
-            group["clip_threshold"],
+            grads,
+            exp_avgs,
+            hessians,
+            masks if damp is not None else None,
+            steps,
+            hyper_tensor(hp, params[0]),
+            tuple(counts),
+            tuple(consts),
         )
 
     @torch.no_grad()
