@@ -151,3 +151,11 @@ def scalar_dtype(like: torch.Tensor) -> torch.dtype:
 def hyper_tensor(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     """Per-group hyperparameters as one ``(groups, k)`` tensor on ``like``'s device (one copy per step)."""
     return torch.tensor(rows, dtype=scalar_dtype(like), device=like.device)
+
+
+def step_counter_on(state: dict, p: torch.Tensor) -> torch.Tensor:
+    """``state["step"]``, moved once to ``p``'s device (compiled kernels count there: no host sync)."""
+    step_t = state["step"]
+    if step_t.device != p.device:
+        step_t = state["step"] = step_t.to(p.device)
+    return step_t

@@ -24,7 +24,7 @@ from ._common import (
     hessian_ema_stats,
     hessian_params,
 )
-from ._kernels import SOPHIA_G_COMPILED, Scratch, hyper_tensor, scalar_dtype, sophia_g_eager
+from ._kernels import SOPHIA_G_COMPILED, Scratch, hyper_tensor, scalar_dtype, sophia_g_eager, step_counter_on
 
 __all__ = ["SophiaG"]
 
@@ -220,10 +220,7 @@ class SophiaG(Optimizer):
                 grads.append(-grad if group["maximize"] else grad)
                 exp_avgs.append(state["exp_avg"])
                 hessians.append(state["hessian"])
-                step_t = state["step"]
-                if step_t.device != p.device:  # the compiled kernel keeps counters on the device (no sync)
-                    step_t = state["step"] = step_t.to(p.device)
-                steps.append(step_t)
+                steps.append(step_counter_on(state, p))
                 n += 1
             if n:
                 counts.append(n)

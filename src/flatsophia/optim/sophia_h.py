@@ -25,7 +25,14 @@ from ._common import (
     hessian_ema_stats,
     hessian_params,
 )
-from ._kernels import SOPHIA_H_COMPILED, Scratch, hyper_tensor, scalar_dtype, sophia_h_direction
+from ._kernels import (
+    SOPHIA_H_COMPILED,
+    Scratch,
+    hyper_tensor,
+    scalar_dtype,
+    sophia_h_direction,
+    step_counter_on,
+)
 
 __all__ = ["SophiaH"]
 
@@ -311,10 +318,7 @@ class SophiaH(Optimizer):
                 grads.append(grad)
                 exp_avgs.append(exp_avg)
                 hessians.append(state["hessian"])
-                step_t = state["step"]
-                if step_t.device != p.device:  # the compiled kernel keeps counters on the device (no sync)
-                    step_t = state["step"] = step_t.to(p.device)
-                steps.append(step_t)
+                steps.append(step_counter_on(state, p))
                 if damp is not None:
                     masks.append(state["mask"])
                 n += 1
