@@ -97,6 +97,7 @@ def test_ablation_grid_replaces_the_tuned_grid_keys(tmp_path):
     assert _arg(task, "optimizer.lr") == "0.004" and _arg(task, "seed") == "0,1"
     assert not any(a.startswith("optimizer.sharp_fraction=") for a in task.argv)  # swept by the grid
     assert task.procs == 6 and _arg(task, "hydra.launcher.n_jobs") == "6"
+    assert not any(a.startswith("variant=") for a in task.argv)  # grid points differ by their settings
     assert plan_ablation(STUDIES["charlm"], tmp_path) == []
 
 

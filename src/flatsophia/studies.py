@@ -244,20 +244,23 @@ def _all_variants(study: Study) -> list[Variant]:
     return [Variant(o, o) for o in study.optimizers] + list(study.variants)
 
 
-def _seeded_task(name, study, out, device, extra, opt, setting, more, seeds, sweep_dir, jobs) -> Task:
+def _seeded_task(
+    name, study, out, device, extra, opt, setting, more, seeds, sweep_dir, procs, variant: str | None
+) -> Task:
+    """One multirun over ``seeds`` (times any grid in ``more``) with ``procs`` jobs at once."""
     overrides = [
         *_common(study, device, extra),
         f"optimizer={opt}",
         *(f"{k}={v}" for k, v in setting.items()),
         *more,
-        f"variant={name}",
+        *([f"variant={variant}"] if variant else []),
         "seed=" + ",".join(str(s) for s in seeds),
         "test_final=true",
         "hydra/launcher=joblib",
-        f"hydra.launcher.n_jobs={min(len(seeds), jobs)}",
+        f"hydra.launcher.n_jobs={procs}",
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    return Task(name, _train_argv(overrides), min(len(seeds), jobs), out / "logs" / f"{sweep_dir.name}.log")
+    return Task(name, _train_argv(overrides), procs, out / "logs" / f"{sweep_dir.name}.log")
 
 
 def plan_runs(
@@ -280,7 +283,18 @@ def plan_runs(
         sweep_dir = out / "runs" / variant.name
         tasks.append(
             _seeded_task(
-                variant.name, study, out, device, extra, opt, setting, variant.extra, study.seeds, sweep_dir, jobs
+                variant.name,
+                study,
+                out,
+                device,
+                extra,
+                opt,
+                setting,
+                variant.extra,
+                study.seeds,
+                sweep_dir,
+                procs=min(len(study.seeds), jobs),
+                variant=variant.name,
             )
         )
     return tasks
@@ -307,13 +321,9 @@ def plan_ablation(study: Study, out: Path, device: str = "cpu", extra: Sequence[
         [f"ablation={study.ablation}"],
         study.ablation_seeds,
         out / "ablation" / study.ablation,
-        jobs,
+        procs=min(n, jobs),
+        variant=None,  # grid points are told apart by their settings
     )
-    task.procs = min(n, jobs)
-    task.argv = [
-        a if not a.startswith("hydra.launcher.n_jobs=") else f"hydra.launcher.n_jobs={task.procs}" for a in task.argv
-    ]
-    task.argv = [a for a in task.argv if a != f"variant={task.name}"]
     return [task]
 
 
