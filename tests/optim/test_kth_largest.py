@@ -33,34 +33,34 @@ def test_ties_and_heavy_duplicates():
     assert torch.equal(fs.kth_largest(zeros, 60_000), _ref(zeros, 60_000))
 
 
-def test_adversarial_order_falls_back(monkeypatch):
+@pytest.fixture
+def kthvalue_calls(monkeypatch) -> list[int]:
+    """The sizes of the inputs of every torch.kthvalue call made during the test."""
+    calls = []
+    orig = torch.kthvalue
+
+    def spy(x, kk, *a, **kw):
+        calls.append(x.numel())
+        return orig(x, kk, *a, **kw)
+
+    monkeypatch.setattr(torch, "kthvalue", spy)
+    return calls
+
+
+def test_adversarial_order_falls_back(kthvalue_calls):
     # The strided sample sees only the small values: the bracket misses and the full kthvalue runs.
     n = 400_000
     flat = torch.arange(n, dtype=torch.float32)
     stride = n // fs.KTH_SAMPLE
     flat[::stride] = -1.0
-    calls = []
-    orig = torch.kthvalue
-
-    def spy(x, kk, *a, **kw):
-        calls.append(x.numel())
-        return orig(x, kk, *a, **kw)
-
-    monkeypatch.setattr(torch, "kthvalue", spy)
     k = n // 5
-    assert torch.equal(fs.kth_largest(flat, k), orig(flat, n - k + 1).values)
-    assert calls[-1] == n  # fell back to the full selection
+    expected = torch.sort(flat, descending=True).values[k - 1]
+    assert torch.equal(fs.kth_largest(flat, k), expected)
+    assert kthvalue_calls[-1] == n  # fell back to the full selection
 
 
-def test_bracket_path_is_used_and_small_inputs_go_direct(monkeypatch):
-    calls = []
-    orig = torch.kthvalue
-
-    def spy(x, kk, *a, **kw):
-        calls.append(x.numel())
-        return orig(x, kk, *a, **kw)
-
-    monkeypatch.setattr(torch, "kthvalue", spy)
+def test_bracket_path_is_used_and_small_inputs_go_direct(kthvalue_calls):
+    calls = kthvalue_calls
     flat = torch.rand(1_000_000, generator=torch.Generator().manual_seed(2))
     fs.kth_largest(flat, 200_000)
     assert max(calls) < 50_000  # only the sample and the bracket were selected from
