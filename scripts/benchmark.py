@@ -43,6 +43,15 @@ Sections:
   CUDA ``torch.cuda.max_memory_allocated`` is used instead. Not the process RSS.
 * ``denormal``: a SophiaH step whose Hessian EMA has decayed into the float32 denormal range,
   with ``torch.set_flush_denormal(False)`` and ``(True)``.
+* ``flops``: matrix-multiply FLOPs of the SOAP steps over one full cycle of
+  ``precondition_frequency`` (10) steps, counted with ``torch.utils.flop_counter.FlopCounterMode``
+  (``mm``/``addmm``/``bmm`` plus the in-place ``addmm_``; QR and ``eigh`` are not counted, both
+  implementations run the same ones), next to the algorithm's floor computed from our factor shapes:
+  per step 2·N·Σd to rotate the gradient into the eigenbasis, 2·N·Σd to rotate the update back and
+  2·N·Σd to fold the gradient into the factors (N: elements of a tensor, Σd: sum of its factored
+  dims); per refresh one power-iteration product (2·d³ per factor) and the first moment moved to
+  the new bases (see ``soap_flop_floor``). SOAP is matmul-bound, so
+  the FLOP ratio bounds the step-time ratio any faithful implementation can reach.
 
 Models (``--model``, ``--size``); the default is ``--model vit --size base``:
 
@@ -580,6 +589,39 @@ def peak_memory(fn: Callable[[], object], device: torch.device | None = None) ->
 # ------------------------------------------------------------------------------------ the runs
 
 
+def matmul_flops(fn: Callable[[], object], calls: int) -> int:
+    """Matrix-multiply FLOPs of ``calls`` calls of ``fn`` (``FlopCounterMode``, plus in-place ``addmm_``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_(self_shape, a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_}) as counter:
+        for _ in range(calls):
+            fn()
+    return counter.get_total_flops()
+
+
+def soap_flop_floor(opt) -> float:
+    """Matmul FLOPs per step that SOAP's update needs, from our SOAP's factor shapes (amortised refresh).
+
+    Per tensor with N elements and factored dims d_k, every step: rotate the gradient in (2·N·d_k
+    per dim), the update back (2·N·d_k) and fold the gradient into each factor (2·N·d_k). Every
+    ``precondition_frequency`` steps: one power-iteration product L_k Q_k (2·d_k³) per factor, and
+    the first moment re-expressed in the new bases, the cheaper of rotating it back and forward
+    (4·N·Σd) or composing old and new bases first (Σ 2·d_k³ + 2·N·Σd).
+    """
+    total = 0.0
+    freq = {id(p): g["precondition_frequency"] for g in opt.param_groups for p in g["params"]}
+    for p, st in opt.state.items():
+        dims = [m.shape[0] for m in st.get("GG", ()) if m is not None]
+        if not dims:
+            continue
+        n, sd, cubes = st["exp_avg"].numel(), sum(dims), 2 * sum(d**3 for d in dims)
+        total += 6 * n * sd + (cubes + min(4 * n * sd, cubes + 2 * n * sd)) / freq[id(p)]
+    return total
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
@@ -903,7 +945,8 @@ class Bench:
         gradient and the Hessian estimate, through the estimator's ``from_loss`` API (the code path
         of ``OptimLitModule._backward_with_refresh``)."""
         kind = OPTIMIZERS[name][1]
-        est = Hutchinson(seed=self.args.seed + 1) if kind == "hutchinson" else GaussNewtonBartlett(seed=self.args.seed + 1)
+        cls = Hutchinson if kind == "hutchinson" else GaussNewtonBartlett
+        est = cls(seed=self.args.seed + 1)
         fwd, loss_fn = closures(model, self.x, self.y)
         params = opt.hessian_params()
 
@@ -933,8 +976,8 @@ class Bench:
             entries += [(n, True, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY and has_builtin_compile(n)]
         for name, builtin, fused in entries:
             key = name + ("+compile" if builtin else "") + ("+fused" if fused else "")
-            row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k, step_path="compile=True" if builtin else "eager",
-                       refresh="fused" if fused else "separate")
+            row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k,
+                       step_path="compile=True" if builtin else "eager", refresh="fused" if fused else "separate")
             rows[key] = row
             try:
                 model, opt, step = self.fresh(name, builtin_compile=builtin)
@@ -1070,6 +1113,32 @@ class Bench:
         res["denormal"] = rows
 
 
+    def run_flops(self, res):
+        """Matmul FLOPs per SOAP step (one refresh cycle), ours vs pytorch_optimizer, and the floor."""
+        self.log("== flops: matrix-multiply FLOPs of the SOAP steps")
+        rows: dict[str, dict] = {}
+        cycle = 10
+        for name in ("soap", "po_soap"):
+            if name not in self.args.optimizers:
+                continue
+            row = rows[name] = dict(label=OPTIMIZERS[name][0], status="ok", note="")
+            try:
+                _, opt, fn = self.fresh(name)
+            except _Unavailable as e:
+                row.update(status="skipped", note=str(e))
+                continue
+            fn()  # the first call only builds the preconditioner
+            flops = matmul_flops(fn, cycle)
+            row.update(gflop_per_step=flops / cycle / 1e9, steps=cycle)
+            if name == "soap":
+                row["floor_gflop_per_step"] = soap_flop_floor(opt) / 1e9
+        ours, theirs = rows.get("soap", {}), rows.get("po_soap", {})
+        if ours.get("status") == "ok" and theirs.get("status") == "ok":
+            rows["ours_vs_theirs"] = ours["gflop_per_step"] / theirs["gflop_per_step"]
+            rows["floor_vs_theirs"] = ours["floor_gflop_per_step"] / theirs["gflop_per_step"]
+        res["flops"] = rows
+
+
 # --------------------------------------------------------------------------- ratios and targets
 
 
@@ -1132,8 +1201,11 @@ def evaluate_targets(res) -> list[dict]:
             why = step.get("soap", {}).get("eager", {}).get("note") or step.get("po_soap", {}).get("eager", {}).get(
                 "note"
             )
-            add("SOAP step (ours) <= 0.50x pytorch_optimizer SOAP", _ratio(ours, theirs), "<=", 0.5,
-                "eager vs eager (incl. amortised eigenbasis refresh every 10 steps)", why)
+            floor = res.get("flops", {}).get("floor_vs_theirs")
+            detail = "eager vs eager (incl. amortised eigenbasis refresh every 10 steps)"
+            if floor:
+                detail += f"; matmul FLOP floor of the algorithm = {floor:.3f}x theirs"
+            add("SOAP step (ours) <= 0.50x pytorch_optimizer SOAP", _ratio(ours, theirs), "<=", 0.5, detail, why)
     it = res.get("iteration", {})
     if it:
         base = _med(it.get("adamw_fused"))
@@ -1233,6 +1305,18 @@ def markdown(res) -> str:
                   "| what | peak MiB | bytes/param |", "|---|---:|---:|"]
         for r in mem["rows"].values():
             lines.append(f"| {r['label']} | {r['peak_mib']:.1f} | {r['peak_bytes_per_param']:.1f} |")
+    fl = res.get("flops", {})
+    if any(isinstance(r, dict) for r in fl.values()):
+        lines += ["", "SOAP matmul work (FlopCounterMode over one 10-step refresh cycle):", "",
+                  "| SOAP | GFLOP/step | algorithm's floor GFLOP/step | note |", "|---|---:|---:|---|"]
+        for r in fl.values():
+            if isinstance(r, dict):
+                gf = r.get("gflop_per_step")
+                lines.append(f"| {r['label']} | {_f(gf, 2) if gf else '-'} | "
+                             f"{_f(r.get('floor_gflop_per_step'), 2)} | {r.get('note') or r.get('status')} |")
+        if fl.get("ours_vs_theirs"):
+            lines += [f"FLOPs ours / pytorch_optimizer = {fl['ours_vs_theirs']:.3f}; floor / pytorch_optimizer = "
+                      f"{fl['floor_vs_theirs']:.3f} (a matmul-bound step cannot be faster than this ratio)."]
     tg = res.get("targets", [])
     if tg:
         lines += ["", "| target | measured | result |", "|---|---:|---|"]
@@ -1245,7 +1329,7 @@ def markdown(res) -> str:
 
 # ----------------------------------------------------------------------------------------- main
 
-SECTIONS = ("step", "refresh", "iteration", "memory", "denormal")
+SECTIONS = ("step", "refresh", "iteration", "memory", "denormal", "flops")
 
 
 def parse_args(argv):
@@ -1364,6 +1448,8 @@ def main(argv=None) -> dict:
         bench.run_memory(res)
     if "denormal" in a.sections:
         bench.run_denormal(res)
+    if "flops" in a.sections:
+        bench.run_flops(res)
     add_ratios(res)
     res["targets"] = evaluate_targets(res)
     res["meta"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

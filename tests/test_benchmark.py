@@ -156,3 +156,38 @@ def test_device_argument_is_validated():
         with pytest.raises(SystemExit):
             bench.parse_args(["--device", "cuda"])
     assert bench.parse_args(["--smoke"]).device == "cpu"
+
+
+def test_soap_flops_at_the_algorithms_floor(smoke):
+    """Counted matmul FLOPs of our SOAP equal the analytic floor (no redundant rotation or product);
+    pytorch_optimizer's SOAP, when installed, does at least as much matmul work."""
+    _, res, _ = smoke
+    fl = res["flops"]
+    ours = fl["soap"]
+    assert ours["status"] == "ok" and ours["steps"] == 10
+    assert _finite_pos(ours["gflop_per_step"])
+    assert ours["gflop_per_step"] == pytest.approx(ours["floor_gflop_per_step"], rel=1e-12)
+    theirs = fl.get("po_soap", {})
+    if theirs.get("status") == "ok":
+        assert theirs["gflop_per_step"] >= ours["gflop_per_step"]
+        assert fl["floor_vs_theirs"] == pytest.approx(ours["floor_gflop_per_step"] / theirs["gflop_per_step"])
+    assert "SOAP matmul work" in res["markdown"]
+
+
+def test_soap_flop_floor_by_hand():
+    """The floor formula on one 2-D tensor, worked out by hand (refresh every 10 steps)."""
+    import torch
+
+    from flatsophia.optim import SOAP
+
+    bench = _load()
+    p = torch.nn.Parameter(torch.zeros(6, 4))
+    opt = SOAP([p], precondition_frequency=10)
+    p.grad = torch.randn(6, 4)
+    opt.step()  # builds the factors (6x6 and 4x4)
+    n, sd, cubes = 24, 10, 2 * (6**3 + 4**3)
+    # per step 6*N*sum(d); per refresh the power iteration (cubes) and min(4*N*sd, cubes + 2*N*sd)
+    expected = 6 * n * sd + (cubes + min(4 * n * sd, cubes + 2 * n * sd)) / 10
+    assert bench.soap_flop_floor(opt) == pytest.approx(expected)
+    # 2-D: the round trip (4*N*sd = 960) is cheaper than composing (560 + 480 = 1040)
+    assert expected == 6 * 24 * 10 + (560 + 960) / 10

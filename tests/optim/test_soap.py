@@ -572,3 +572,29 @@ def test_invalid_hyperparameters(kwargs, value):
         SOAP([p], **kwargs)
     with pytest.raises(ValueError, match=re.escape(repr(value))):
         SOAP([{"params": [p], **kwargs}])  # per-group overrides are validated too
+
+
+def test_moment_moves_to_new_bases_by_composed_rotation_where_cheaper(monkeypatch):
+    """Conv-shaped tensors (sum d^3 < N sum d) move the first moment through Q_old^T Q_new; the
+    result equals the round trip through the parameter's basis (float64), which matrices keep."""
+    from flatsophia.optim import soap as soap_mod
+
+    assert soap_mod._compose_rotations(torch.zeros(4, 3, 3, 3), [torch.eye(d) for d in (4, 3, 3, 3)])
+    assert not soap_mod._compose_rotations(torch.zeros(6, 6), [torch.eye(6), torch.eye(6)])
+    assert not soap_mod._compose_rotations(torch.zeros(6, 4), [torch.eye(6), None])  # 216 > 24 * 6
+
+    def run(compose: bool):
+        monkeypatch.setattr(soap_mod, "_compose_rotations", lambda m, bases: compose)
+        gen = torch.Generator().manual_seed(5)
+        p = nn.Parameter(torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen))
+        opt = SOAP([p], lr=0.01, weight_decay=0.0, precondition_frequency=2)
+        for _ in range(7):  # 3 refreshes
+            _step(opt, [p], [torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=gen)])
+        return p.detach(), opt.state[p]
+
+    p_rt, st_rt = run(False)
+    p_c, st_c = run(True)
+    torch.testing.assert_close(st_c["exp_avg"], st_rt["exp_avg"], rtol=0, atol=1e-12)
+    torch.testing.assert_close(p_c, p_rt, rtol=0, atol=1e-12)
+    for q_c, q_rt in zip(st_c["Q"], st_rt["Q"]):
+        torch.testing.assert_close(q_c, q_rt, rtol=0, atol=1e-12)
