@@ -61,6 +61,9 @@ Models (``--model``, ``--size``); the default is ``--model vit --size base``:
 * ``mlp``: 3072-1024-1024-1024-100 GELU MLP with LayerNorms, 5.35M parameters. Batch 128.
 * ``gpt``: a 6-layer causal transformer LM (d=256, 4 heads, vocab 2048, context 64, tied
   embeddings), 5.3M parameters. Batch 16 sequences (1024 tokens).
+* ``experiment=<name>``: the model of a language-model experiment config, built from ``conf/``
+  exactly as ``src/train.py`` builds it, with that experiment's batch and context (e.g.
+  ``experiment=sophia_charlm``: the 0.84M-parameter GPT of the ``charlm`` study, 16x128 tokens).
 
 Usage::
 
@@ -89,6 +92,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -206,9 +210,30 @@ def build_model(kind: str, size: str, batch: int | None, seed: int):
         y = torch.randint(0, cfg["vocab"], (b, cfg["ctx"]))
         desc = "causal LM (" + ", ".join(f"{k}={v}" for k, v in cfg.items()) + f"), batch {b}x{cfg['ctx']} tokens"
         preds = b * cfg["ctx"]
+    elif kind.startswith("experiment="):
+        return _experiment_model(kind.split("=", 1)[1], batch)
     else:  # pragma: no cover - argparse restricts the choices
         raise ValueError(kind)
     return model, x, y.reshape(-1), preds, desc
+
+
+def _experiment_model(name: str, batch: int | None):
+    """The model of the project's language-model ``experiment=<name>`` (composed with Hydra and
+    instantiated as ``src/train.py`` does) on random token ids shaped like its data batches."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+    model = instantiate(cfg.model)
+    if "block_size" not in cfg.data or "vocab_size" not in cfg.data:
+        raise SystemExit(f"--model experiment={name}: only language-model experiments (data with block_size and "
+                         "vocab_size, e.g. sophia_charlm) are supported")
+    b, t, v = batch or int(cfg.data.batch_size), int(cfg.data.block_size), int(cfg.data.vocab_size)
+    x, y = torch.randint(0, v, (b, t)), torch.randint(0, v, (b, t))
+    n = sum(p.numel() for p in model.parameters())
+    desc = f"experiment={name}: {cfg.model._target_.rsplit('.', 1)[-1]} ({n:,} parameters), batch {b}x{t} tokens"
+    return model, x, y.reshape(-1), b * t, desc
 
 
 def closures(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -1334,7 +1359,9 @@ SECTIONS = ("step", "refresh", "iteration", "memory", "denormal", "flops")
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", choices=("vit", "mlp", "gpt"), default="vit")
+    p.add_argument("--model", default="vit",
+                   help="vit (default), mlp, gpt, or experiment=<name>: the model of conf/experiment/<name>.yaml "
+                   "(language models; e.g. experiment=sophia_charlm)")
     p.add_argument("--size", choices=("tiny", "small", "base"), default="base",
                    help="model preset; base ~5.4M parameters (default)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default per model/size)")
@@ -1363,6 +1390,8 @@ def parse_args(argv):
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of compile failures")
     a = p.parse_args(argv)
+    if a.model not in ("vit", "mlp", "gpt") and not a.model.startswith("experiment="):
+        p.error(f"invalid --model {a.model!r} (expected vit, mlp, gpt or experiment=<name>)")
     if a.smoke:
         a.size = "tiny"
     try:

@@ -191,3 +191,19 @@ def test_soap_flop_floor_by_hand():
     assert bench.soap_flop_floor(opt) == pytest.approx(expected)
     # 2-D: the round trip (4*N*sd = 960) is cheaper than composing (560 + 480 = 1040)
     assert expected == 6 * 24 * 10 + (560 + 960) / 10
+
+
+def test_model_from_an_experiment_config():
+    """``--model experiment=<name>`` times the project's own model of a language-model experiment."""
+    bench = _load()
+    model, x, y, preds, desc = bench.build_model("experiment=sophia_charlm", "base", None, 0)
+    from flatsophia.models.components.gpt import GPT
+
+    assert isinstance(model, GPT) and "experiment=sophia_charlm" in desc
+    assert tuple(x.shape) == (16, 128) and y.shape == (16 * 128,) and preds == 16 * 128
+    assert model(x[:2]).shape == (2, 128, 256)
+    assert bench.parse_args(["--model", "experiment=sophia_charlm"]).model == "experiment=sophia_charlm"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--model", "resnet"])
+    with pytest.raises(SystemExit, match="only language-model"):
+        bench.build_model("experiment=flat_sophia_overfit", "base", None, 0)
