@@ -142,6 +142,8 @@ def test_fused_refresh_iteration_rows(smoke):
         assert row["status"] == "ok" and row["refresh"] == "fused" and row["step_path"] == "eager", row
         assert _finite_pos(row["median_ms"]) and "from_loss" in row["note"]
         assert it[name]["refresh"] == "separate"
+    soap = it["soap"]  # SOAP's own eigenbasis refresh is inside step(): one per 10-iteration block
+    assert soap["status"] == "ok" and _finite_pos(soap["median_ms"]) and "eigenbasis" in soap["note"]
     details = [t["detail"] for t in res["targets"] if "iteration" in t["name"]]
     assert details and all("fastest = " in d for d in details)
 
