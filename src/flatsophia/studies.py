@@ -156,6 +156,8 @@ STUDIES: dict[str, Study] = {
         seeds=(0, 1, 2),
         pairs=(("sophia_g", "adamw"), ("sophia_h", "adamw"), ("soap", "adamw")),
         target_rule=("final", "adamw"),
+        # and the other way round: how many steps AdamW needs to reach where Sophia ends
+        extra_targets=(("final", "sophia_g"), ("final", "sophia_h")),
         description="The Sophia paper's claim at small scale: small GPT on the embedded character corpus",
     ),
 }

@@ -31,7 +31,8 @@ step, for validation rows the index of the last training batch, i.e. optimizer s
   weights, ``test_final=true``);
 * ``top_eig_final`` / ``trace_final``: last logged ``sharpness/top_eig`` / ``sharpness/trace``;
 * ``ms_per_step``: wall-clock milliseconds per optimizer step, from the first source available:
-  a ``time/step_ms`` column (median: robust to a stray slow step), a ``train/step_time`` column
+  a ``time/step_ms`` column (median: robust to a stray slow step; the training module logs the mean
+  over the last ``every_k`` steps, so it includes the periodic Hessian refresh), a ``train/step_time`` column
   (seconds, median), a ``wall_time``
   column (seconds; its span over the span of ``step``), else the file times: (modification time of
   ``metrics.csv`` - modification time of ``.hydra/config.yaml``, written at job start) / max ``step``.

@@ -176,3 +176,32 @@ def test_bf16_mixed_precision_steps_outside_autocast(tmp_path, name):
     assert floats and all(v.dtype == torch.float32 for v in floats)
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), before))
+
+
+def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
+    """``time/step_ms`` is the mean over the last ``every_k`` steps, so every logged value carries
+    one refresh's cost (a per-step time logged every 10 steps would never include a refresh step)."""
+    import time
+
+    module = make_module("sophia_h", hessian={"every_k": 4})
+    inner = module._apply_estimates
+
+    def slow_refresh(opt, estimates):
+        time.sleep(0.1)
+        return inner(opt, estimates)
+
+    module._apply_estimates = slow_refresh
+    logged = []
+    log = module.log
+
+    def spy(name, value, *args, **kwargs):
+        if name == "time/step_ms":
+            logged.append(float(value))
+        return log(name, value, *args, **kwargs)
+
+    module.log = spy
+    trainer(tmp_path, max_steps=10).fit(module, loader(dataset(n=80)))
+    assert len(logged) == 10
+    # from the 4th step on, every 4-step window holds exactly one 100 ms refresh
+    assert all(25.0 <= v < 100.0 for v in logged[3:]), logged
+    assert logged[0] >= 100.0  # step 0 refreshes; its window is itself
