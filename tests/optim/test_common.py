@@ -333,3 +333,16 @@ def test_create_optimizer_with_param_list_and_alias():
     with pytest.raises(ValueError, match="Unknown optimizer"):
         create_optimizer(ps, "not_an_optimizer")
     assert math.isclose(create_optimizer(ps, "adamw", lr=1e-3).param_groups[0]["lr"], 1e-3)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("cls_name", ["SophiaG", "SophiaH", "FlatSophia"])
+def test_sparse_gradient_is_refused_by_name(cls_name, compile):
+    import flatsophia.optim as fo
+
+    emb = torch.nn.Embedding(5, 3, sparse=True)
+    opt = getattr(fo, cls_name)(emb.parameters(), compile=compile)
+    emb(torch.tensor([1, 2])).sum().backward()
+    assert emb.weight.grad.is_sparse
+    with pytest.raises(RuntimeError, match=f"{cls_name} does not support sparse gradients"):
+        opt.step()

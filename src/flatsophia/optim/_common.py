@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -106,3 +106,14 @@ def hessian_ema_stats(states) -> dict[str, torch.Tensor]:
         "hessian_mean": sum(h.float().sum() for h in hs) / n,
         "hessian_neg_frac": sum((h < 0).sum() for h in hs).float() / n,
     }
+
+
+def params_with_grad(group: dict, optimizer_name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(p, p.grad)`` for the group's parameters that have a gradient; a sparse one raises ``RuntimeError``."""
+    for p in group["params"]:
+        grad = p.grad
+        if grad is None:
+            continue
+        if grad.is_sparse:
+            raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
+        yield p, grad

@@ -23,6 +23,7 @@ from ._common import (
     check_positive,
     hessian_ema_stats,
     hessian_params,
+    params_with_grad,
 )
 from ._kernels import SOPHIA_G_COMPILED, Scratch, hyper_tensor, scalar_dtype, sophia_g_eager, step_counter_on
 
@@ -178,14 +179,10 @@ class SophiaG(Optimizer):
             beta1, _ = group["betas"]
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             scale = rho * (bs if bs is not None else group["bs"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients")
+            for p, grad in params_with_grad(group, "SophiaG"):
                 state = self._init_state(p)
                 state["step"] += 1
-                grad = -p.grad if group["maximize"] else p.grad
+                grad = -grad if group["maximize"] else grad
                 ratio = sophia_g_eager(
                     p, grad, state["exp_avg"], state["hessian"], lr=lr, wd=wd, beta1=beta1, scale=scale,
                     scratch=self._scratch,
@@ -207,15 +204,8 @@ class SophiaG(Optimizer):
         params, grads, exp_avgs, hessians, steps, counts, beta1s, hp = [], [], [], [], [], [], [], []
         for group in self.param_groups:
             n = 0
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError("SophiaG does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state = self._init_state(p)
+            for p, grad in params_with_grad(group, "SophiaG"):
+                state = self._init_state(p)
                 params.append(p)
                 grads.append(-grad if group["maximize"] else grad)
                 exp_avgs.append(state["exp_avg"])

@@ -24,6 +24,7 @@ from ._common import (
     check_positive,
     hessian_ema_stats,
     hessian_params,
+    params_with_grad,
 )
 from ._kernels import (
     SOPHIA_H_COMPILED,
@@ -235,11 +236,7 @@ class SophiaH(Optimizer):
             lr, wd, gamma, eps = group["lr"], group["weight_decay"], group["gamma"], group["eps"]
             clip = group["clip_threshold"]
             params = []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            for p, _ in params_with_grad(group, type(self).__name__):
                 self._init_state(p, group)["step"] += 1
                 params.append(p)
             if not params:
@@ -302,15 +299,8 @@ class SophiaH(Optimizer):
         params, grads, exp_avgs, hessians, masks, steps, counts, consts, hp = [], [], [], [], [], [], [], [], []
         for group in self.param_groups:
             n = 0
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                state = self.state[p]
-                if not state:
-                    state = self._init_state(p, group)
+            for p, grad in params_with_grad(group, type(self).__name__):
+                state = self._init_state(p, group)
                 exp_avg = state["exp_avg"]
                 if exp_avg.dtype != p.dtype:  # a mu_dtype other than the parameter's: eager
                     return False
