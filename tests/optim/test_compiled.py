@@ -43,6 +43,31 @@ def test_compiled_step_matches_eager(cls):
         assert all(s["mask"].dtype == torch.int8 for s in opt.state.values())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [SophiaG, SophiaH, FlatSophia])
+def test_multi_tensor_kernel_matches_eager(cls, monkeypatch):
+    """The multi-tensor form compiled for CUDA, compiled here on the CPU (same code, other backend)."""
+    fn = _kernels._sophia_g_multi_foreach if cls is SophiaG else _kernels._sophia_h_multi_foreach
+    kernel = _kernels.CompiledKernel(fn)
+    where = "sophia_g.SOPHIA_G_COMPILED" if cls is SophiaG else "sophia_h.SOPHIA_H_COMPILED"
+    monkeypatch.setattr(f"flatsophia.optim.{where}", kernel)
+    compiled, opt = _run(cls, compile=True)
+    if kernel.failure is not None:
+        pytest.skip(f"torch.compile unavailable on this machine: {kernel.failure}")
+    eager, _ = _run(cls, compile=False)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert all(int(s["step"]) == 12 for s in opt.state.values())
+
+
+@pytest.mark.slow
+def test_reduce_overhead_mode_is_the_compiled_step_on_cpu():
+    a, _ = _run(SophiaH, compile="reduce-overhead")
+    b, _ = _run(SophiaH, compile=True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
 def test_compile_failure_falls_back_to_eager_and_says_why(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler found")
@@ -58,3 +83,16 @@ def test_compile_failure_falls_back_to_eager_and_says_why(monkeypatch, caplog):
     assert sum("torch.compile of the optimizer step is unavailable" in r.message for r in caplog.records) == 1
     for a, b in zip(fallback, eager):
         assert torch.equal(a, b)
+
+
+def test_cuda_graph_mode_marks_each_state_tensor_static_once(monkeypatch):
+    marked = []
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t: marked.append(t))
+    kernel = _kernels.CompiledKernel(_kernels._sophia_g_multi)
+    a, b = torch.zeros(3), torch.zeros(4)
+    kernel._mark_static([[a, b], [a]])
+    kernel._mark_static([[a, b]])
+    assert [id(t) for t in marked] == [id(a), id(b)]
+    c = torch.zeros(3)  # a new state tensor (e.g. after a resume) is marked too
+    kernel._mark_static([[a, c]])
+    assert [id(t) for t in marked] == [id(a), id(b), id(c)]

@@ -1,8 +1,13 @@
-"""Step kernels of the Sophia family: eager (scratch buffers) and ``torch.compile``d (fused).
+"""Step kernels of the Sophia family: eager (per tensor or multi-tensor) and ``torch.compile``d.
 
-Eager kernels write their temporaries into two scratch buffers sized for the largest parameter
-instead of allocating fresh tensors every step: on CPU a large fresh allocation is page-faulted and
-zeroed by the kernel, which costs about as much as the arithmetic.
+Per-tensor eager kernels write their temporaries into two scratch buffers sized for the largest
+parameter instead of allocating fresh tensors every step: on CPU a large fresh allocation is
+page-faulted and zeroed by the kernel, which costs about as much as the arithmetic.
+
+Multi-tensor (``foreach``) eager kernels run the same operations in the same order on whole lists
+of tensors (``torch._foreach_*``: one launch per operation for all tensors of a device and dtype
+instead of one per tensor), the default on CUDA, where a per-tensor step is bound by kernel
+launches. On CPU the ``foreach`` ops run tensor by tensor, so both forms give the same bits there.
 
 Compiled kernels take every hyperparameter that changes between steps (learning rate, bias
 correction, ``rho * bs``) as a 0-d tensor, so a schedule does not trigger recompilation; Inductor
@@ -13,6 +18,7 @@ fall back to the eager kernels, with the reason logged once, wherever compilatio
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -56,11 +62,144 @@ def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scr
     return ratio
 
 
-def sophia_h_direction(mu, hess, *, bias_correction, gamma, eps, scratch: Scratch, like):
-    """``mu_hat / max(gamma * nu, eps)`` (unclipped) as a scratch view shaped like ``like``."""
-    u = torch.div(mu, bias_correction, out=scratch.get(0, like))
-    denom = torch.mul(hess, gamma, out=scratch.get(1, like)).clamp_(min=eps)
-    return u.div_(denom)
+#: ``eps / gamma`` above this is treated as ``gamma = 0`` (the floor would overflow float32).
+_MAX_H_FLOOR = 1e30
+
+
+def sophia_h_scale(bias_correction, gamma: float, eps: float):
+    """``(h_floor, s)`` with ``mu / bias_correction / max(gamma * nu, eps) == s * mu / max(nu, h_floor)``.
+
+    For ``gamma > 0``: ``max(gamma * nu, eps) = gamma * max(nu, eps / gamma)``, so ``s = 1 / (bc * gamma)``;
+    for ``gamma = 0`` the denominator is ``eps`` everywhere (``h_floor=None``: no division by ``nu``).
+    ``bias_correction`` may be a 0-d tensor (a counter on the device); ``s`` is then one too.
+    """
+    if gamma > 0 and eps / gamma <= _MAX_H_FLOOR:
+        return eps / gamma, 1 / (bias_correction * gamma)
+    return None, 1 / (bias_correction * eps)
+
+
+def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_correction, gamma, eps, clip,
+                   scratch: Scratch, stats: list | None = None):
+    """One Sophia-H update of one tensor (FlatSophia's with an int8 ``divisor``), in six passes over memory.
+
+    ``theta -= lr * (clip(mu_hat / max(gamma * nu, eps), c) / mask + wd * theta)`` is computed as
+    ``theta = theta * (1 - lr * wd) - lr * s * clip(x, c / s) / mask`` with ``x = mu / max(nu, eps / gamma)``
+    and ``s = 1 / (bias_correction * gamma) > 0`` (:func:`sophia_h_scale`): the same update up to
+    rounding, without materialising the bias-corrected momentum or the scaled Hessian. The momentum
+    is formed in the wider of the parameter's and ``exp_avg``'s dtypes and stored in ``exp_avg``'s.
+    ``stats`` (a list) receives ``(n_kept, sum of squares of the final direction)`` as 0-d tensors.
+    """
+    mu = exp_avg.to(torch.promote_types(p.dtype, exp_avg.dtype))
+    mu.lerp_(grad if grad.dtype == mu.dtype else grad.to(mu.dtype), 1 - beta1)
+    if mu is not exp_avg:
+        exp_avg.copy_(mu)
+    h_floor, s = sophia_h_scale(bias_correction, gamma, eps)
+    x = scratch.get(0, mu)
+    if h_floor is None:
+        x.copy_(mu)
+    else:
+        torch.div(mu, torch.clamp(hess, min=h_floor, out=scratch.get(1, hess)), out=x)
+    bound = None if clip is None else clip / s
+    if stats is not None:
+        stats.append((x.abs() < bound).sum() if bound is not None else torch.tensor(x.numel(), device=x.device))
+    if bound is not None:
+        if isinstance(bound, torch.Tensor):
+            x.clamp_(min=-bound, max=bound)
+        else:
+            x.clamp_(-bound, bound)
+    if divisor is not None:
+        # int8 -> float into a scratch buffer (exact for |mask| <= 127), then divide.
+        x.div_(divisor if divisor.dtype == x.dtype else scratch.get(2, x).copy_(divisor))
+    if stats is not None:
+        stats.append(x.float().square().sum() * s**2)
+    if wd != 0:
+        p.mul_(1 - lr * wd)
+    if isinstance(s, torch.Tensor):  # device counter: the scale stays on the device
+        p.add_(x.mul_(s), alpha=-lr)
+    else:
+        p.add_(x, alpha=-lr * s)
+
+
+def check_foreach(flag) -> None:
+    """Raise ``ValueError`` unless ``foreach`` is ``None``, ``True`` or ``False``."""
+    if flag is not None and not isinstance(flag, bool):
+        raise ValueError(f"Invalid foreach: {flag!r} (expected None, True or False)")
+
+
+def use_foreach(flag: bool | None, params) -> bool:
+    """``foreach`` as given, or by default: multi-tensor kernels when every tensor is on a CUDA device."""
+    if flag is not None:
+        return flag
+    return all(p.is_cuda for p in params)
+
+
+def by_device_and_dtype(*lists):
+    """Split parallel tensor lists into sub-lists sharing the first list's device and dtype (foreach needs both)."""
+    buckets: dict[tuple, list[list]] = {}
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        bucket = buckets.setdefault(key, [[] for _ in lists])
+        for out, item in zip(bucket, items):
+            out.append(item)
+    return list(buckets.values())
+
+
+def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale):
+    """:func:`sophia_g_eager` for lists of tensors on one device and dtype (multi-tensor ops)."""
+    torch._foreach_mul_(params, 1 - lr * wd)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    denom = torch._foreach_mul(hessians, scale)
+    torch._foreach_add_(denom, SOPHIA_G_EPS)
+    torch._foreach_clamp_min_(denom, SOPHIA_G_EPS)
+    ratio = torch._foreach_div(exp_avgs, denom)
+    del denom
+    torch._foreach_clamp_min_(ratio, -1.0)
+    torch._foreach_clamp_max_(ratio, 1.0)
+    torch._foreach_add_(params, ratio, alpha=-lr)
+
+
+def sophia_h_foreach(params, grads, exp_avgs, hessians, masks, *, bias_corrections, lr, wd, beta1, gamma, eps, clip):
+    """:func:`sophia_h_eager` for lists of tensors on one device and dtype (multi-tensor ops).
+
+    The same operations in the same order (bit-identical to the loop on CPU); the momentum must have
+    the parameters' dtype. ``bias_corrections`` holds one float (or 0-d tensor) per tensor; tensors
+    with the same value share the multi-tensor calls that need a scalar.
+    """
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    buckets: dict = {}
+    for i, bc in enumerate(bias_corrections):
+        buckets.setdefault(bc if not isinstance(bc, torch.Tensor) else id(bc), (bc, []))[1].append(i)
+    for bc, idx in buckets.values():
+        ps, ms, hs = [params[i] for i in idx], [exp_avgs[i] for i in idx], [hessians[i] for i in idx]
+        h_floor, s = sophia_h_scale(bc, gamma, eps)
+        if h_floor is None:
+            x = torch._foreach_mul(ms, 1.0)
+            spare = None
+        else:
+            spare = torch._foreach_clamp_min(hs, h_floor)
+            x = torch._foreach_div(ms, spare)
+        if clip is not None:
+            bound = clip / s
+            if isinstance(bound, torch.Tensor):  # a device counter: per tensor (no host sync)
+                for t in x:
+                    t.clamp_(min=-bound, max=bound)
+            else:
+                torch._foreach_clamp_min_(x, -bound)
+                torch._foreach_clamp_max_(x, bound)
+        if masks is not None:
+            # int8 -> float into spent buffers (exact for |mask| <= 127), then divide.
+            spare = spare if spare is not None else torch._foreach_mul(ms, 0.0)
+            torch._foreach_copy_(spare, [masks[i] for i in idx])
+            torch._foreach_div_(x, spare)
+        del spare
+        if wd != 0:
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        if isinstance(s, torch.Tensor):
+            torch._foreach_mul_(x, s)
+            torch._foreach_add_(ps, x, alpha=-lr)
+        else:
+            torch._foreach_add_(ps, x, alpha=-lr * s)
 
 
 # ------------------------------------------------------------------------ compiled kernels
@@ -116,31 +255,131 @@ def _sophia_h_multi(params, grads, exp_avgs, hessians, masks, steps, hp, counts,
         start += n
 
 
+# The same two kernels written with multi-tensor ops, for CUDA: Inductor lowers each chain of
+# ``_foreach_*`` ops into a few horizontally fused (combo) kernels covering all tensors, where the
+# per-tensor form above becomes one kernel launch per tensor (the CPU backend has no launches to
+# save, and the per-tensor form measured faster there).
+def _sophia_g_multi_foreach(params, grads, exp_avgs, hessians, steps, hp, counts, beta1s):
+    torch._foreach_add_(steps, 1)
+    start = 0
+    for gi, n in enumerate(counts):
+        lr, wd, scale = hp[gi, 0], hp[gi, 1], hp[gi, 2]
+        beta1 = beta1s[gi]
+        ps, gs, ms, hs = (x[start : start + n] for x in (params, grads, exp_avgs, hessians))
+        torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
+        denom = torch._foreach_mul(hs, scale)
+        torch._foreach_clamp_min_(denom, 0.0)
+        torch._foreach_add_(denom, SOPHIA_G_EPS)
+        ratio = torch._foreach_div(ms, denom)
+        torch._foreach_clamp_min_(ratio, -1.0)
+        torch._foreach_clamp_max_(ratio, 1.0)
+        torch._foreach_sub_(ps, torch._foreach_mul(ratio, lr))
+        start += n
+
+
+def _sophia_h_multi_foreach(params, grads, exp_avgs, hessians, masks, steps, hp, counts, consts):
+    torch._foreach_add_(steps, 1)
+    start = 0
+    for gi, n in enumerate(counts):
+        lr, wd = hp[gi, 0], hp[gi, 1]
+        beta1, gamma, eps, clip, damp = consts[gi]
+        ps, gs, ms, hs = (x[start : start + n] for x in (params, grads, exp_avgs, hessians))
+        # 1 - beta1 ** t per tensor, from its own counter (a list of 0-d tensors on its device).
+        bias_corrections = torch._foreach_pow(beta1, torch._foreach_mul(steps[start : start + n], 1.0))
+        torch._foreach_neg_(bias_corrections)
+        torch._foreach_add_(bias_corrections, 1.0)
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, torch._foreach_mul(gs, 1 - beta1))
+        u = torch._foreach_div(ms, bias_corrections)
+        denom = torch._foreach_mul(hs, gamma)
+        torch._foreach_clamp_min_(denom, eps)
+        torch._foreach_div_(u, denom)
+        if clip is not None:
+            torch._foreach_clamp_min_(u, -clip)
+            torch._foreach_clamp_max_(u, clip)
+        if masks is not None:
+            torch._foreach_div_(u, masks[start : start + n])
+        torch._foreach_add_(u, torch._foreach_mul(ps, wd))
+        torch._foreach_sub_(ps, torch._foreach_mul(u, lr))
+        start += n
+
+
+#: Accepted values of the optimizers' ``compile`` argument.
+COMPILE_MODES = (False, True, "reduce-overhead")
+
+
+def check_compile(value) -> bool | str:
+    """``compile`` as given if it is one of :data:`COMPILE_MODES`; ``ValueError`` naming it otherwise."""
+    if value is False or value is True or value == "reduce-overhead":
+        return value
+    raise ValueError(f"Invalid compile: {value!r} (expected False, True or 'reduce-overhead')")
+
+
 class CompiledKernel:
-    """A lazily ``torch.compile``d kernel that remembers (and logs once) why it cannot be used."""
+    """A lazily ``torch.compile``d kernel that remembers (and logs once) why it cannot be used.
 
-    def __init__(self, fn):
+    ``cuda_fn`` (optional) is the form compiled for CUDA tensors (multi-tensor ops); ``fn`` serves
+    every other device. Each form is compiled on first use. With ``mode="reduce-overhead"`` the
+    CUDA form also runs as a CUDA graph: one launch per step instead of one per fused kernel. The
+    tensors in ``static`` (parameters and optimizer state, updated in place) are marked as static
+    inputs; the others (gradients, hyperparameters) are copied into the graph's own buffers on
+    every replay, which costs one extra gradient-sized buffer on the device.
+    """
+
+    def __init__(self, fn, cuda_fn=None):
         self.fn = fn
-        self._compiled = None
-        self.failure: str | None = None
+        self.cuda_fn = cuda_fn
+        self._compiled: dict[tuple, object] = {}
+        self._failures: dict[tuple, str] = {}  # per form: a CUDA-graph failure leaves ``compile=True`` usable
+        self._static: dict[int, weakref.ref] = {}  # tensors already marked static, by id
 
-    def __call__(self, *args) -> bool:
-        """Run the compiled kernel; ``False`` (nothing changed) if compilation is unavailable."""
-        if self.failure is not None:
+    @property
+    def failure(self) -> str | None:
+        """Why compilation failed (the first failure of any form), or ``None``."""
+        return next(iter(self._failures.values()), None)
+
+    def __call__(self, *args, mode: str | None = None, static=()) -> bool:
+        """Run the compiled kernel; ``False`` (nothing changed) if compilation is unavailable.
+
+        The first argument is the list of parameters; its first tensor's device picks the form.
+        """
+        cuda = self.cuda_fn is not None and bool(args[0]) and args[0][0].is_cuda
+        graphs = cuda and mode == "reduce-overhead"
+        key = (cuda, graphs)
+        if key in self._failures:
             return False
         try:
-            if self._compiled is None:
-                self._compiled = torch.compile(self.fn, fullgraph=True)
-            self._compiled(*args)
+            compiled = self._compiled.get(key)
+            if compiled is None:
+                compiled = torch.compile(
+                    self.cuda_fn if cuda else self.fn, fullgraph=True, mode="reduce-overhead" if graphs else None
+                )
+                self._compiled[key] = compiled
+            if graphs:
+                self._mark_static(static)
+            compiled(*args)
             return True
         except Exception as err:  # compilation can fail in many ways (no compiler, unsupported op)
-            self.failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            log.warning("torch.compile of the optimizer step is unavailable (%s); using the eager step", self.failure)
+            self._failures[key] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.warning(
+                "torch.compile of the optimizer step is unavailable (%s); using the eager step", self._failures[key]
+            )
             return False
 
+    def _mark_static(self, static) -> None:
+        """Mark new parameter/state tensors (first step, a resume) as static CUDA-graph inputs, once each."""
+        for tensors in static:
+            for t in tensors:
+                ref = self._static.get(id(t))
+                if ref is None or ref() is not t:
+                    torch._dynamo.mark_static_address(t)
+                    self._static[id(t)] = weakref.ref(t)
 
-SOPHIA_G_COMPILED = CompiledKernel(_sophia_g_multi)
-SOPHIA_H_COMPILED = CompiledKernel(_sophia_h_multi)
+
+SOPHIA_G_COMPILED = CompiledKernel(_sophia_g_multi, _sophia_g_multi_foreach)
+SOPHIA_H_COMPILED = CompiledKernel(_sophia_h_multi, _sophia_h_multi_foreach)
 
 
 def scalar_dtype(like: torch.Tensor) -> torch.dtype:
@@ -148,9 +387,24 @@ def scalar_dtype(like: torch.Tensor) -> torch.dtype:
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
-def hyper_tensor(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
-    """Per-group hyperparameters as one ``(groups, k)`` tensor on ``like``'s device (one copy per step)."""
-    return torch.tensor(rows, dtype=scalar_dtype(like), device=like.device)
+def hyper_tensor(rows: list[list[float]], like: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    """Per-group hyperparameters as one ``(groups, k)`` tensor on ``like``'s device.
+
+    With ``cache`` (a dict the optimizer keeps), the tensor of the previous call is reused while the
+    values, dtype and device are unchanged: no host-to-device copy on steps without a schedule change.
+    """
+    dtype = scalar_dtype(like)
+    key = (like.device, dtype)
+    if cache is not None and cache.get("key") == key and cache.get("rows") == rows:
+        return cache["tensor"]
+    t = torch.tensor(rows, dtype=dtype)
+    if like.is_cuda:  # through pinned memory, asynchronously: no host-device sync on a schedule change
+        t = t.pin_memory().to(like.device, non_blocking=True)
+    else:
+        t = t.to(like.device)
+    if cache is not None:
+        cache.update(key=key, rows=[list(r) for r in rows], tensor=t)
+    return t
 
 
 def step_counter_on(state: dict, p: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,8 @@ class FlatSophia(SophiaH):
         mask_source: str = "estimate",
         mask_seed: int = 0,
         mu_dtype: torch.dtype | str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
+        foreach: bool | None = None,
     ):
         check_nonneg("sharp_fraction", sharp_fraction)
         if sharp_fraction > 1:
@@ -99,6 +100,7 @@ class FlatSophia(SophiaH):
             clip_threshold=clip_threshold,
             mu_dtype=mu_dtype,
             compile=compile,
+            foreach=foreach,
         )
         # Optimizer-wide settings: the mask's threshold is global across all groups.
         self.defaults.update(sharp_fraction=sharp_fraction, dampening_factor=int(dampening_factor))

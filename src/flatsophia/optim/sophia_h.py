@@ -29,10 +29,15 @@ from ._common import (
 from ._kernels import (
     SOPHIA_H_COMPILED,
     Scratch,
+    by_device_and_dtype,
+    check_compile,
+    check_foreach,
     hyper_tensor,
     scalar_dtype,
-    sophia_h_direction,
+    sophia_h_eager,
+    sophia_h_foreach,
     step_counter_on,
+    use_foreach,
 )
 
 __all__ = ["SophiaH"]
@@ -67,10 +72,17 @@ class SophiaH(Optimizer):
         clip_threshold: :math:`c` (default 1.0); ``None`` disables clipping.
         mu_dtype: dtype of the momentum buffer (default: the parameter's); ``torch.bfloat16``
             halves its memory as in the reference experiment.
-        compile: run the step as one ``torch.compile``d kernel per group (fused; the first step
-            compiles; steps with ``collect_stats=True`` and a ``mu_dtype`` other than the
-            parameter's run eagerly). Falls back to the eager step, logging why, where compilation
-            fails. The compiled arithmetic may differ from the eager one in the last bits.
+        compile: ``True`` runs the step as one ``torch.compile``d call for all groups (fused
+            kernels; the first step compiles; steps with ``collect_stats=True`` and a ``mu_dtype``
+            other than the parameter's run eagerly); ``"reduce-overhead"`` also replays it as a
+            CUDA graph on GPU (the fastest GPU step; one extra gradient-sized buffer; same as
+            ``True`` on CPU). Falls back to the eager step, logging why, where compilation fails.
+            The compiled arithmetic may differ from the eager one in the last bits.
+        foreach: eager step with multi-tensor ops (one kernel launch per operation for all
+            tensors of a device and dtype) instead of a loop over tensors. ``None`` (default): on
+            when all parameters are on CUDA, as in ``torch.optim``. Same arithmetic either way
+            (bit-identical on CPU). Steps with ``collect_stats=True``, and groups whose
+            ``mu_dtype`` differs from the parameters', use the loop.
 
     A call sequence ``update_hessian(d); step()`` is one reference update with
     ``update_preconditioner=True``; ``step()`` alone is one with ``False``.
@@ -92,10 +104,12 @@ class SophiaH(Optimizer):
         clip_threshold: float | None = 1.0,
         *,
         mu_dtype: torch.dtype | str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
+        foreach: bool | None = None,
         **extra_defaults,
     ):
         check_nonneg("learning rate", lr)
+        check_foreach(foreach)
         check_betas(betas)
         check_nonneg("gamma", gamma)
         check_positive("eps", eps)
@@ -120,13 +134,17 @@ class SophiaH(Optimizer):
         # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
         self._last_step_stats: dict[str, torch.Tensor] = {}
         self._scratch = Scratch()
-        self.compile = bool(compile)
+        self._hp_cache: dict = {}
+        self.compile = check_compile(compile)
+        self.foreach = foreach
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_last_step_stats", {})
         self.__dict__.setdefault("_scratch", Scratch())
+        self.__dict__.setdefault("_hp_cache", {})
         self.__dict__.setdefault("compile", False)
+        self.__dict__.setdefault("foreach", None)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict`` that keeps the state's own dtypes.
@@ -231,63 +249,80 @@ class SophiaH(Optimizer):
             return loss
         n_kept = sq_sum = None
         n_total = 0
+        foreach = not collect_stats and use_foreach(
+            self.foreach, [p for g in self.param_groups for p, _ in params_with_grad(g, type(self).__name__)]
+        )
         for group in self.param_groups:
             beta1, _ = group["betas"]
             lr, wd, gamma, eps = group["lr"], group["weight_decay"], group["gamma"], group["eps"]
             clip = group["clip_threshold"]
-            params = []
-            for p, _ in params_with_grad(group, type(self).__name__):
-                self._init_state(p, group)["step"] += 1
-                params.append(p)
+            params = [p for p, _ in params_with_grad(group, type(self).__name__)]
             if not params:
                 continue
-            bias_correction = 1 - beta1 ** self.state[params[0]]["step"].item()
+            if foreach and self._foreach_group(group, params):
+                continue
+            for p in params:
+                self._init_state(p, group)["step"] += 1
             for p in params:
                 state = self.state[p]
-                exp_avg = state["exp_avg"]
-                if state["step"].item() != self.state[params[0]]["step"].item():  # a param that joined late
-                    bias_correction = 1 - beta1 ** state["step"].item()
                 # As in the reference, the new momentum is formed in the wider of the parameter's
-                # and ``mu_dtype``'s precisions and only stored in ``mu_dtype``; the bias-corrected
-                # value uses the unrounded one (a float32 ``mu_dtype`` under bf16 parameters keeps
-                # float32 momentum instead of rounding it to bf16 every step).
-                mu = exp_avg.to(torch.promote_types(p.dtype, exp_avg.dtype))
-                mu.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                if mu is not exp_avg:
-                    exp_avg.copy_(mu)
-                u = sophia_h_direction(
-                    mu,
+                # and ``mu_dtype``'s precisions and only stored in ``mu_dtype``; the update uses the
+                # unrounded one (a float32 ``mu_dtype`` under bf16 parameters keeps float32 momentum).
+                # Each tensor is bias corrected with its own count (one that joined late has a smaller one).
+                stats = [] if collect_stats else None
+                sophia_h_eager(
+                    p,
+                    p.grad,
+                    state["exp_avg"],
                     state["hessian"],
-                    bias_correction=bias_correction,
+                    self._direction_divisor(state),
+                    lr=lr,
+                    wd=wd,
+                    beta1=beta1,
+                    bias_correction=_bias_correction(beta1, state["step"]),
                     gamma=gamma,
                     eps=eps,
+                    clip=clip,
                     scratch=self._scratch,
-                    like=p,
+                    stats=stats,
                 )
                 if collect_stats:
-                    kept = (u.abs() < clip).sum() if clip is not None else torch.tensor(p.numel())
+                    kept, sq = stats
                     n_kept = kept if n_kept is None else n_kept + kept
-                    n_total += p.numel()
-                if clip is not None:
-                    u.clamp_(-clip, clip)
-                divisor = self._direction_divisor(state)
-                if divisor is not None:
-                    # int8 -> float into a scratch buffer (exact for |mask| <= 127), then divide:
-                    # the same numbers as u / mask without a fresh float temporary per tensor.
-                    if divisor.dtype != u.dtype:
-                        divisor = self._scratch.get(2, u).copy_(divisor)
-                    u.div_(divisor)
-                if collect_stats:
-                    sq = u.float().square().sum()
                     sq_sum = sq if sq_sum is None else sq_sum + sq
-                if wd != 0:
-                    u.add_(p, alpha=wd)
-                p.add_(u, alpha=-lr)
+                    n_total += p.numel()
         if collect_stats and n_total:
             self._last_step_stats.clear()
             self._last_step_stats["win_rate"] = n_kept.float() / n_total
             self._last_step_stats["update_rms"] = (sq_sum / n_total).sqrt()
         return loss
+
+    def _foreach_group(self, group: dict, params: list[torch.Tensor]) -> bool:
+        """One group's eager step with multi-tensor ops; ``False`` (nothing changed) for a ``mu_dtype`` group."""
+        states = [self._init_state(p, group) for p in params]
+        if any(s["exp_avg"].dtype != p.dtype for s, p in zip(states, params)):
+            return False
+        steps = [s["step"] for s in states]
+        for (part,) in by_device_and_dtype(steps):
+            torch._foreach_add_(part, 1.0)
+        beta1, _ = group["betas"]
+        if all(t.device.type == "cpu" for t in steps):  # one host read for all counters
+            counts = torch.stack([t.to(torch.float64) for t in steps]).tolist()
+            bias_correction = {id(p): 1 - beta1**t for p, t in zip(params, counts)}
+        else:  # counters that ``compile=True`` moved to the device: stay there (no sync)
+            bias_correction = {id(p): _bias_correction(beta1, t) for p, t in zip(params, steps)}
+        masks = [self._direction_divisor(s) for s in states]
+        lists = [params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["hessian"] for s in states]]
+        if masks[0] is not None:
+            lists.append(masks)
+        for ps, gs, ms, hs, *rest in by_device_and_dtype(*lists):
+            sophia_h_foreach(
+                ps, gs, ms, hs, rest[0] if rest else None,
+                bias_corrections=[bias_correction[id(p)] for p in ps],
+                lr=group["lr"], wd=group["weight_decay"], beta1=beta1,
+                gamma=group["gamma"], eps=group["eps"], clip=group["clip_threshold"],
+            )
+        return True
 
     def _mask_damp(self) -> int | None:
         """FlatSophia's dampening factor when its mask is in use (``None`` here: no mask)."""
@@ -328,9 +363,11 @@ class SophiaH(Optimizer):
             hessians,
             masks if damp is not None else None,
             steps,
-            hyper_tensor(hp, params[0]),
+            hyper_tensor(hp, params[0], self._hp_cache),
             tuple(counts),
             tuple(consts),
+            mode=self.compile if isinstance(self.compile, str) else None,
+            static=(params, exp_avgs, hessians, masks, steps),
         )
 
     @torch.no_grad()
@@ -341,6 +378,13 @@ class SophiaH(Optimizer):
         ``hessian_mean`` and ``hessian_neg_frac`` describe the current Hessian EMA.
         """
         return {**self._last_step_stats, **hessian_ema_stats(self.state.values())}
+
+
+def _bias_correction(beta1: float, step: torch.Tensor) -> float | torch.Tensor:
+    """``1 - beta1 ** t``: a float for a CPU counter, a 0-d tensor for one on a device (no host sync)."""
+    if step.device.type == "cpu":
+        return 1 - beta1 ** step.item()
+    return 1 - beta1 ** step.to(torch.float64)
 
 
 def _parse_dtype(name: str) -> torch.dtype:
