@@ -293,8 +293,17 @@ OPTIMIZERS = {
 }
 SOPHIA_FAMILY = ("sophia_g", "sophia_h", "flat_sophia")
 #: how the step variants are shown: ``compiled`` = torch.compile of the step function from the
-#: outside; ``builtin`` = the optimizer's own ``compile=True`` (fused, compiled kernels)
-PATH_NAMES = {"eager": "eager", "compiled": "torch.compile(step)", "builtin": "compile=True"}
+#: outside; ``builtin`` = the optimizer's own ``compile=True`` (fused, compiled kernels); ``loop`` =
+#: our eager step with ``foreach=False`` (on CUDA only, where the default eager step is multi-tensor);
+#: ``graphs`` = ``compile="reduce-overhead"`` (compiled step replayed as a CUDA graph; CUDA only)
+PATH_NAMES = {
+    "eager": "eager",
+    "loop": "eager, foreach=False",
+    "compiled": "torch.compile(step)",
+    "builtin": "compile=True",
+    "graphs": "compile='reduce-overhead'",
+}
+EAGER_PATHS = ("eager", "loop")
 
 
 def has_builtin_compile(name: str) -> bool:
@@ -326,12 +335,15 @@ def builtin_compile_failures() -> list[str]:
     return out
 
 
-def make_optimizer(name: str, model: nn.Module, builtin_compile: bool = False):
+def make_optimizer(name: str, model: nn.Module, builtin_compile: bool | str = False, foreach: bool | None = None):
     """The optimizer ``name`` over ``model``'s parameter groups, or raises ``_Unavailable``.
 
-    ``builtin_compile=True`` passes ``compile=True`` (our optimizers' own fused kernels)."""
+    ``builtin_compile`` is passed as ``compile`` (our optimizers' own fused kernels) when set;
+    ``foreach`` is passed to our Sophia-family optimizers when it is not ``None``."""
     groups = param_groups(model)
-    kw = {"compile": True} if builtin_compile else {}
+    kw = {"compile": builtin_compile} if builtin_compile else {}
+    if foreach is not None and name in SOPHIA_FAMILY:
+        kw["foreach"] = foreach
     if name == "adamw_fused":
         opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.1, fused=True)
     elif name == "adamw":
@@ -678,10 +690,10 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
 
     # -------------------------------------------------------------- candidates
-    def fresh(self, name: str, builtin_compile: bool = False):
+    def fresh(self, name: str, builtin_compile: bool | str = False, foreach: bool | None = None):
         """A model copy with the benchmark gradients and a primed optimizer: ``(model, opt, step_fn)``."""
         model = copy.deepcopy(self.model)
-        opt = make_optimizer(name, model, builtin_compile)
+        opt = make_optimizer(name, model, builtin_compile, foreach)
         kind = OPTIMIZERS[name][1]
         if kind == "hutchinson":
             opt.update_hessian(self.est_hutch)
@@ -742,21 +754,27 @@ class Bench:
                 # SOAP refreshes its eigenbases every 10 steps: one sample = the mean of 10
                 # consecutive steps (Timer.timeit(number=10)), so the median is the amortised cost.
                 n_rep = 10 if name in ("soap", "po_soap") else 1
-                variants = ["eager", "compiled"] + (["builtin"] if has_builtin_compile(name) else [])
+                cuda_sophia = self.device.type == "cuda" and name in SOPHIA_FAMILY
+                variants = ["eager"] + (["loop"] if cuda_sophia else []) + ["compiled"]
+                variants += (["builtin"] if has_builtin_compile(name) else []) + (["graphs"] if cuda_sophia else [])
+                variants = [v for v in variants if v in a.paths]
                 for variant in variants:
                     row = dict(label=OPTIMIZERS[name][0], variant=variant, status="ok", note="", compile_s=None)
                     if n_rep > 1:
                         row["note"] = f"1 sample = mean of {n_rep} steps (1 eigenbasis refresh)"
                     rows[name][variant] = row
-                    if variant != "eager" and not a.compile:
+                    if variant not in EAGER_PATHS and not a.compile:
                         row.update(status="skipped", note="compile off (--no-compile / --smoke)")
                         continue
                     try:
-                        model, opt, fn = self.fresh(name, builtin_compile=variant == "builtin")
+                        builtin = {"builtin": True, "graphs": "reduce-overhead"}.get(variant, False)
+                        model, opt, fn = self.fresh(
+                            name, builtin_compile=builtin, foreach=False if variant == "loop" else None
+                        )
                     except _Unavailable as e:
                         row.update(status="skipped", note=str(e))
                         continue
-                    if variant == "builtin":
+                    if variant in ("builtin", "graphs"):
                         f0 = set(builtin_compile_failures())
                         t0 = time.perf_counter()
                         with warnings.catch_warnings():
@@ -770,7 +788,7 @@ class Bench:
                         fails = sorted(set(builtin_compile_failures()) - f0)
                         if fails:
                             row["note"] = _join(row["note"], "fell back to eager: " + "; ".join(fails)[:200])
-                        self.log(f"  {name}: compile=True first step {row['compile_s']} s")
+                        self.log(f"  {name}: {PATH_NAMES[variant]} first step {row['compile_s']} s")
                     elif variant == "compiled":
                         c0 = dynamo_counts()
                         try:
@@ -826,7 +844,7 @@ class Bench:
             # Steady state? Ten more calls of each compiled step must not make dynamo convert frames.
             for key, fn in cands.items():
                 name, variant = key.split("/")
-                if variant == "eager":
+                if variant in EAGER_PATHS:
                     continue
                 row = rows[name][variant]
                 row.pop("_counts_before_timing", None)
@@ -1000,10 +1018,14 @@ class Bench:
         entries += [(n, False, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
         if a.compile:
             entries += [(n, True, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY and has_builtin_compile(n)]
+            if self.device.type == "cuda" and "graphs" in a.paths:
+                entries += [(n, "reduce-overhead", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
         for name, builtin, fused in entries:
-            key = name + ("+compile" if builtin else "") + ("+fused" if fused else "")
+            suffix = {True: "+compile", "reduce-overhead": "+graphs"}.get(builtin, "")
+            key = name + suffix + ("+fused" if fused else "")
+            path = {True: "builtin", "reduce-overhead": "graphs"}.get(builtin, "eager")
             row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k,
-                       step_path="compile=True" if builtin else "eager", refresh="fused" if fused else "separate")
+                       step_path=PATH_NAMES[path], refresh="fused" if fused else "separate")
             rows[key] = row
             try:
                 model, opt, step = self.fresh(name, builtin_compile=builtin)
@@ -1037,7 +1059,7 @@ class Bench:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for _ in range(3 if builtin else 2):
+                for _ in range(5 if builtin == "reduce-overhead" else 3 if builtin else 2):
                     it()
             if name == "soap":
                 row["note"] = "eigenbasis refresh every 10 steps inside step()"
@@ -1241,7 +1263,8 @@ def evaluate_targets(res) -> list[dict]:
             if n in it:
                 keys = ((n, "eager step, separate refresh"), (n + "+fused", "eager step, fused refresh"),
                         (n + "+compile", "compile=True step, separate refresh"),
-                        (n + "+compile+fused", "compile=True step, fused refresh"))
+                        (n + "+compile+fused", "compile=True step, fused refresh"),
+                        (n + "+graphs+fused", "compile='reduce-overhead' step, fused refresh"))
                 paths = [(_med(it[key]), path) for key, path in keys if _med(it.get(key)) is not None]
                 best = min(paths) if paths else (None, None)
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
@@ -1385,6 +1408,9 @@ def parse_args(argv):
     p.add_argument("--compile", dest="compile", action="store_true", help="compile even with --smoke")
     p.add_argument("--compile-timeout", type=float, default=300.0, help="seconds allowed per compile")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--paths", default=",".join(PATH_NAMES),
+                   help="step section: comma-separated subset of "
+                   + ", ".join(f"{k} ({v})" for k, v in PATH_NAMES.items()))
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                    help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--smoke", action="store_true", help="tiny model, minimal repetitions, no compile (seconds)")
@@ -1423,6 +1449,12 @@ def parse_args(argv):
         p.error(f"unknown optimizer(s) {bad}")
     if "adamw_fused" not in a.optimizers:
         a.optimizers.insert(0, "adamw_fused")  # the baseline of every ratio
+    a.paths = [v for v in a.paths.split(",") if v]
+    bad = [v for v in a.paths if v not in PATH_NAMES]
+    if bad:
+        p.error(f"unknown path(s) {bad} (expected a subset of {','.join(PATH_NAMES)})")
+    if "eager" not in a.paths:
+        a.paths.insert(0, "eager")  # every ratio and the state bytes come from the eager rows
     a.iter_optimizers = [o for o in ("adamw_fused", "adamw", *SOPHIA_FAMILY, "soap") if o in a.optimizers]
     return a
 
