@@ -20,9 +20,14 @@ def _params():
     ]
 
 
-def _run(cls, steps=12, late=None, groups=None, **kwargs):
-    """Train ``_params()`` on random gradients; ``late`` gets no gradient during the first 5 steps."""
-    ps = _params()
+def _params_with_a_large_one():
+    """``_params()`` plus a tensor above the CPU multi-tensor threshold (the default split's loop side)."""
+    return _params() + [torch.nn.Parameter(torch.randn(_kernels.FOREACH_CPU_MAX_NUMEL + 3))]
+
+
+def _run(cls, steps=12, late=None, groups=None, make=_params, **kwargs):
+    """Train ``make()`` on random gradients; ``late`` gets no gradient during the first 5 steps."""
+    ps = make()
     if groups is None:
         groups = [{"params": ps[:1]}, {"params": ps[1:], "weight_decay": 0.0}]
     else:
@@ -59,6 +64,27 @@ def test_foreach_step_is_bit_identical_to_the_loop_on_cpu(cls):
             assert torch.equal(value, opt_b.state[y][key]), key
     if cls is FlatSophia:  # the mask took part
         assert any(bool((opt_a.state[p]["mask"] != 1).any()) for p in a)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_default_split_small_multi_tensor_large_loop_is_bit_identical_to_the_loop(cls):
+    """foreach=None on CPU: multi-tensor ops for small tensors, the loop for large ones; same bits."""
+    a, opt_a = _run(cls, late=3, make=_params_with_a_large_one)
+    b, opt_b = _run(cls, foreach=False, late=3, make=_params_with_a_large_one)
+    assert opt_a.foreach is None
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+        for key, value in opt_a.state[x].items():
+            assert torch.equal(value, opt_b.state[y][key]), key
+
+
+def test_foreach_split_rules():
+    small, large = torch.zeros(3), torch.zeros(_kernels.FOREACH_CPU_MAX_NUMEL)
+    assert _kernels.foreach_split(None, [small, large, small]) == [True, False, True]
+    assert _kernels.foreach_split(True, [small, large]) == [True, True]
+    assert _kernels.foreach_split(False, [small, large]) == [False, False]
+    meta = torch.zeros(3, device="meta")  # neither CPU nor CUDA: the loop
+    assert _kernels.foreach_split(None, [meta, small]) == [False, True]
 
 
 def test_foreach_defaults_to_off_on_cpu_and_is_validated():
@@ -109,3 +135,52 @@ def test_by_device_and_dtype_splits_parallel_lists():
     out = _kernels.by_device_and_dtype([a, b, c], ["A", "B", "C"])
     assert [[len(x) for x in part] for part in out] == [[2, 2], [1, 1]]
     assert out[0][1] == ["A", "C"] and out[1][1] == ["B"]
+
+
+# ---------------------------------------------------------------- SophiaG's h >= 0 shortcut
+def test_nonneg_record_follows_in_place_writes_and_replacement():
+    rec = _kernels.NonnegRecord()
+    t = torch.zeros(4)
+    rec.mark(t)
+    assert rec.holds(t)
+    t.add_(1.0)  # any in-place write voids the record
+    assert not rec.holds(t)
+    assert not rec.holds(torch.zeros(4))  # never recorded
+    good, bad, nan = torch.rand(5), torch.tensor([1.0, -1e-30]), torch.tensor([float("nan"), 1.0])
+    rec.verify([good, bad, nan, torch.zeros(0)])
+    assert (rec.holds(good), rec.holds(bad), rec.holds(nan)) == (True, False, False)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_sophia_g_skips_the_clamp_only_when_h_is_known_nonneg_and_keeps_the_bits(foreach, monkeypatch):
+    """The shortcut is an identity: same bits as the always-clamped step; a negative h keeps the clamp."""
+    a, opt_a = _run(SophiaG, foreach=foreach)
+    assert all(opt_a._nonneg.holds(opt_a.state[p]["hessian"]) for p in a)  # the shortcut was in use
+    monkeypatch.setattr(_kernels.NonnegRecord, "holds", lambda self, t: False)
+    b, _ = _run(SophiaG, foreach=foreach)
+    monkeypatch.undo()
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+    # A loaded state with a negative Hessian entry: not trusted, still clamped (denominator eps, so a
+    # positive momentum moves the parameter down by lr; unclamped, the negative denominator would
+    # flip the step's sign).
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SophiaG([p], lr=0.1, weight_decay=0.0, foreach=foreach)
+    p.grad = torch.ones(3)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["hessian"] = torch.tensor([-1.0, 0.0, 1.0])
+    opt.load_state_dict(sd)
+    assert not opt._nonneg.holds(opt.state[p]["hessian"])
+    before = p.detach().clone()
+    opt.step()
+    assert (p.detach() - before)[0].item() == pytest.approx(-0.1)
+    p.grad = torch.ones(3)
+    opt.update_hessian()  # 0.99 * (-1) + 0.01 * 1 < 0: still not trusted
+    assert not opt._nonneg.holds(opt.state[p]["hessian"])
+    opt.state[p]["hessian"].abs_()
+    opt.update_hessian()  # verified once, then carried by induction
+    assert opt._nonneg.holds(opt.state[p]["hessian"])
+    opt.update_hessian()
+    assert opt._nonneg.holds(opt.state[p]["hessian"])

@@ -46,17 +46,52 @@ class Scratch:
         self._buffers.clear()
 
 
+class NonnegRecord:
+    """Tensors known to hold no negative value, until they are next modified in place.
+
+    A record is the tensor's weak reference and its version counter (``Tensor._version``, bumped by
+    every in-place write): a tensor replaced (``load_state_dict``), freed, or written by anyone
+    after it was recorded no longer counts. Not part of the optimizer state (nothing to save).
+    """
+
+    def __init__(self):
+        self._records: dict[int, tuple[weakref.ref, int]] = {}
+
+    def mark(self, t: torch.Tensor) -> None:
+        self._records[id(t)] = (weakref.ref(t), t._version)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        rec = self._records.get(id(t))
+        return rec is not None and rec[0]() is t and rec[1] == t._version
+
+    def verify(self, tensors: list[torch.Tensor]) -> None:
+        """Record those of ``tensors`` whose minimum is >= 0 (one host sync for all of them)."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                by_device.setdefault(t.device, []).append(t)
+        for ts in by_device.values():
+            mins = torch.stack([t.min().to(torch.float64) for t in ts]).tolist()
+            for t, lo in zip(ts, mins):
+                if lo >= 0:  # False for NaN
+                    self.mark(t)
+
+
 # --------------------------------------------------------------------------- eager kernels
-def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scratch):
+def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scratch, hess_nonneg: bool = False):
     """One Sophia-G update of one tensor, bit-identical to the authors' arithmetic.
 
     ``clamp(m / d, -1, 1)`` equals ``sign(m) * min(|m| / d, 1)`` exactly for ``d > 0``, and
     ``max(s*h + eps, eps)`` equals ``max(s*h, 0) + eps`` (the reference's ``s*h + eps`` for h >= 0).
+    ``hess_nonneg=True`` (the caller knows ``h >= 0`` and ``scale >= 0``) skips that clamp, an
+    identity then: one pass over memory less, same bits.
     Returns the clipped direction (a scratch view) for diagnostics.
     """
     p.mul_(1 - lr * wd)
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS).clamp_(min=SOPHIA_G_EPS)
+    denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS)
+    if not hess_nonneg:
+        denom.clamp_(min=SOPHIA_G_EPS)
     ratio = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-1, 1)
     p.add_(ratio, alpha=-lr)
     return ratio
@@ -80,7 +115,8 @@ def sophia_h_scale(bias_correction, gamma: float, eps: float):
 
 def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_correction, gamma, eps, clip,
                    scratch: Scratch, stats: list | None = None):
-    """One Sophia-H update of one tensor (FlatSophia's with an int8 ``divisor``), in six passes over memory.
+    """One Sophia-H update of one tensor (FlatSophia's with an int8 ``divisor``) in six passes over memory
+    (FlatSophia: plus a light one converting the int8 mask; its division is folded into the update).
 
     ``theta -= lr * (clip(mu_hat / max(gamma * nu, eps), c) / mask + wd * theta)`` is computed as
     ``theta = theta * (1 - lr * wd) - lr * s * clip(x, c / s) / mask`` with ``x = mu / max(nu, eps / gamma)``
@@ -107,17 +143,22 @@ def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_corre
             x.clamp_(min=-bound, max=bound)
         else:
             x.clamp_(-bound, bound)
-    if divisor is not None:
-        # int8 -> float into a scratch buffer (exact for |mask| <= 127), then divide.
-        x.div_(divisor if divisor.dtype == x.dtype else scratch.get(2, x).copy_(divisor))
-    if stats is not None:
-        stats.append(x.float().square().sum() * s**2)
     if wd != 0:
         p.mul_(1 - lr * wd)
     if isinstance(s, torch.Tensor):  # device counter: the scale stays on the device
-        p.add_(x.mul_(s), alpha=-lr)
-    else:
+        x.mul_(s)
+        s = 1.0
+    if divisor is None:
+        if stats is not None:
+            stats.append(x.float().square().sum() * s**2)
         p.add_(x, alpha=-lr * s)
+        return
+    # int8 -> float into a scratch buffer (exact for |mask| <= 127); the division by the mask
+    # is folded into the parameter update (addcdiv: one pass over memory less).
+    divisor = divisor if divisor.dtype == x.dtype else scratch.get(2, x).copy_(divisor)
+    if stats is not None:
+        stats.append(torch.div(x, divisor, out=scratch.get(3, x)).float().square().sum() * s**2)
+    p.addcdiv_(x, divisor, value=-lr * s)
 
 
 def check_foreach(flag) -> None:
@@ -126,11 +167,32 @@ def check_foreach(flag) -> None:
         raise ValueError(f"Invalid foreach: {flag!r} (expected None, True or False)")
 
 
+#: On CPU, tensors below this many elements take the multi-tensor ops by default: their step is
+#: bound by per-operation dispatch (~4 us an op), which ``torch._foreach_*`` pays once per list.
+#: Larger ones take the loop, whose scratch buffers avoid the full-size temporaries (page-faulted
+#: on every step) that the out-of-place ``foreach`` ops allocate.
+FOREACH_CPU_MAX_NUMEL = 65536
+
+
 def use_foreach(flag: bool | None, params) -> bool:
     """``foreach`` as given, or by default: multi-tensor kernels when every tensor is on a CUDA device."""
     if flag is not None:
         return flag
     return all(p.is_cuda for p in params)
+
+
+def foreach_split(flag: bool | None, params) -> list[bool]:
+    """Per tensor: take the multi-tensor ops (``True``) or the per-tensor loop (``False``).
+
+    ``True``/``False``: all or none. ``None`` (default): all when every tensor is on CUDA; otherwise
+    the small CPU tensors (fewer than :data:`FOREACH_CPU_MAX_NUMEL` elements). Both forms run the
+    same operations, so the split changes speed, not results (bit-identical on CPU).
+    """
+    if use_foreach(flag, params):
+        return [True] * len(params)
+    if flag is False:
+        return [False] * len(params)
+    return [p.device.type == "cpu" and p.numel() < FOREACH_CPU_MAX_NUMEL for p in params]
 
 
 def by_device_and_dtype(*lists):
@@ -144,14 +206,15 @@ def by_device_and_dtype(*lists):
     return list(buckets.values())
 
 
-def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale):
+def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale, hess_nonneg: bool = False):
     """:func:`sophia_g_eager` for lists of tensors on one device and dtype (multi-tensor ops)."""
     torch._foreach_mul_(params, 1 - lr * wd)
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     denom = torch._foreach_mul(hessians, scale)
     torch._foreach_add_(denom, SOPHIA_G_EPS)
-    torch._foreach_clamp_min_(denom, SOPHIA_G_EPS)
+    if not hess_nonneg:
+        torch._foreach_clamp_min_(denom, SOPHIA_G_EPS)
     ratio = torch._foreach_div(exp_avgs, denom)
     del denom
     torch._foreach_clamp_min_(ratio, -1.0)
@@ -187,19 +250,19 @@ def sophia_h_foreach(params, grads, exp_avgs, hessians, masks, *, bias_correctio
             else:
                 torch._foreach_clamp_min_(x, -bound)
                 torch._foreach_clamp_max_(x, bound)
-        if masks is not None:
-            # int8 -> float into spent buffers (exact for |mask| <= 127), then divide.
-            spare = spare if spare is not None else torch._foreach_mul(ms, 0.0)
-            torch._foreach_copy_(spare, [masks[i] for i in idx])
-            torch._foreach_div_(x, spare)
-        del spare
         if wd != 0:
             torch._foreach_mul_(ps, 1 - lr * wd)
         if isinstance(s, torch.Tensor):
             torch._foreach_mul_(x, s)
-            torch._foreach_add_(ps, x, alpha=-lr)
-        else:
+            s = 1.0
+        if masks is None:
             torch._foreach_add_(ps, x, alpha=-lr * s)
+        else:
+            # int8 -> float into spent buffers (exact for |mask| <= 127); the division by the
+            # mask is folded into the update, as in sophia_h_eager.
+            spare = spare if spare is not None else torch._foreach_mul(ms, 0.0)
+            torch._foreach_copy_(spare, [masks[i] for i in idx])
+            torch._foreach_addcdiv_(ps, x, spare, value=-lr * s)
 
 
 # ------------------------------------------------------------------------ compiled kernels

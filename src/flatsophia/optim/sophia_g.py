@@ -27,16 +27,17 @@ from ._common import (
 )
 from ._kernels import (
     SOPHIA_G_COMPILED,
+    NonnegRecord,
     Scratch,
     by_device_and_dtype,
     check_compile,
     check_foreach,
+    foreach_split,
     hyper_tensor,
     scalar_dtype,
     sophia_g_eager,
     sophia_g_foreach,
     step_counter_on,
-    use_foreach,
 )
 
 __all__ = ["SophiaG"]
@@ -77,10 +78,12 @@ class SophiaG(Optimizer):
             graph on GPU (the fastest GPU step; one extra gradient-sized buffer; same as ``True``
             on CPU). Falls back to the eager step, logging why, where compilation fails. The
             compiled arithmetic may differ from the eager one in the last bits (fused multiply-add).
-        foreach: eager step with multi-tensor ops (one kernel launch per operation for all
-            tensors of a device and dtype) instead of a loop over tensors. ``None`` (default):
-            on when all parameters are on CUDA, as in ``torch.optim``. Same arithmetic either way
-            (bit-identical on CPU). Steps with ``collect_stats=True`` use the loop.
+        foreach: ``True``: eager step with multi-tensor ops (one kernel launch per operation for
+            all tensors of a device and dtype); ``False``: a loop over tensors. ``None`` (default):
+            multi-tensor when all parameters are on CUDA, as in ``torch.optim``; on CPU,
+            multi-tensor for tensors under 65,536 elements (dispatch-bound) and the loop for larger
+            ones. Same arithmetic either way (bit-identical on CPU). Steps with
+            ``collect_stats=True`` use the loop.
 
     Deliberate differences from the reference (none change results for valid states):
         * ``update_hessian(estimates)`` optionally takes the sampled-label gradients directly
@@ -120,6 +123,9 @@ class SophiaG(Optimizer):
         self._last_step_stats: dict[str, torch.Tensor] = {}
         self._scratch = Scratch()
         self._hp_cache: dict = {}
+        # Hessian buffers known to be >= 0 (true of every EMA this class builds): their step skips
+        # the denominator's clamp, an identity then.
+        self._nonneg = NonnegRecord()
         self.compile = check_compile(compile)
         self.foreach = foreach
 
@@ -131,6 +137,7 @@ class SophiaG(Optimizer):
         self.__dict__.setdefault("_last_step_stats", {})
         self.__dict__.setdefault("_scratch", Scratch())
         self.__dict__.setdefault("_hp_cache", {})
+        self.__dict__.setdefault("_nonneg", NonnegRecord())
         self.__dict__.setdefault("compile", False)
         self.__dict__.setdefault("foreach", None)
 
@@ -140,6 +147,7 @@ class SophiaG(Optimizer):
             state["step"] = torch.tensor(0.0, device=p.device if self.compile else None)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._nonneg.mark(state["hessian"])
         return state
 
     def hessian_params(self) -> list[torch.Tensor]:
@@ -174,10 +182,17 @@ class SophiaG(Optimizer):
             )
             return False
         beta2 = {id(p): g["betas"][1] for g in self.param_groups for p in g["params"]}
+        unverified = []
         for p, e in pairs:
-            state = self._init_state(p)
+            h = self._init_state(p)["hessian"]
             b2 = beta2[id(p)]
-            state["hessian"].mul_(b2).addcmul_(e, e, value=1 - b2)
+            was_nonneg = 0 <= b2 <= 1 and self._nonneg.holds(h)
+            h.mul_(b2).addcmul_(e, e, value=1 - b2)
+            if was_nonneg:  # b2 * h + (1 - b2) * e * e >= 0
+                self._nonneg.mark(h)
+            else:  # e.g. a state loaded from a checkpoint: check once
+                unverified.append(h)
+        self._nonneg.verify(unverified)
         return True
 
     @torch.no_grad()
@@ -198,20 +213,24 @@ class SophiaG(Optimizer):
             check_positive("bs", bs)
         if self.compile and not collect_stats and self._compiled_step(bs):
             return loss
-        if not collect_stats and self._foreach_step(bs):
-            return loss
         n_kept = n_total = sq_sum = None
         for group in self.param_groups:
             beta1, _ = group["betas"]
             lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
             scale = rho * (bs if bs is not None else group["bs"])
-            for p, grad in params_with_grad(group, "SophiaG"):
+            pairs = list(params_with_grad(group, "SophiaG"))
+            multi = [False] * len(pairs) if collect_stats else foreach_split(self.foreach, [p for p, _ in pairs])
+            if any(multi):
+                self._foreach_group(group, [pair for pair, m in zip(pairs, multi) if m], scale)
+            for (p, grad), m in zip(pairs, multi):
+                if m:
+                    continue
                 state = self._init_state(p)
                 state["step"] += 1
                 grad = -grad if group["maximize"] else grad
                 ratio = sophia_g_eager(
                     p, grad, state["exp_avg"], state["hessian"], lr=lr, wd=wd, beta1=beta1, scale=scale,
-                    scratch=self._scratch,
+                    scratch=self._scratch, hess_nonneg=scale >= 0 and self._nonneg.holds(state["hessian"]),
                 )
                 if collect_stats:
                     kept = (ratio.abs() < 1).sum()
@@ -225,31 +244,21 @@ class SophiaG(Optimizer):
             self._last_step_stats["update_rms"] = (sq_sum.float() / n_total).sqrt()
         return loss
 
-    def _foreach_step(self, bs: float | None) -> bool:
-        """The eager step with multi-tensor ops; ``False`` (nothing changed) when ``foreach`` is off."""
-        groups = []
-        for group in self.param_groups:
-            pairs = list(params_with_grad(group, "SophiaG"))
-            groups.append((group, pairs))
-        if not use_foreach(self.foreach, [p for _, pairs in groups for p, _ in pairs]):
-            return False
-        for group, pairs in groups:
-            if not pairs:
-                continue
-            states = [self._init_state(p) for p, _ in pairs]
-            steps = [s["step"] for s in states]
-            for steps_part in by_device_and_dtype(steps):
-                torch._foreach_add_(steps_part[0], 1.0)
-            grads = [g for _, g in pairs]
-            if group["maximize"]:
-                grads = torch._foreach_neg(grads)
-            beta1, _ = group["betas"]
-            scale = group["rho"] * (bs if bs is not None else group["bs"])
-            for ps, gs, ms, hs in by_device_and_dtype(
-                [p for p, _ in pairs], grads, [s["exp_avg"] for s in states], [s["hessian"] for s in states]
-            ):
-                sophia_g_foreach(ps, gs, ms, hs, lr=group["lr"], wd=group["weight_decay"], beta1=beta1, scale=scale)
-        return True
+    def _foreach_group(self, group: dict, pairs: list, scale: float) -> None:
+        """The eager step of ``pairs`` (parameter, gradient) of one group with multi-tensor ops."""
+        states = [self._init_state(p) for p, _ in pairs]
+        for (steps,) in by_device_and_dtype([s["step"] for s in states]):
+            torch._foreach_add_(steps, 1.0)
+        grads = [g for _, g in pairs]
+        if group["maximize"]:
+            grads = torch._foreach_neg(grads)
+        hessians = [s["hessian"] for s in states]
+        nonneg = scale >= 0 and all(self._nonneg.holds(h) for h in hessians)
+        for ps, gs, ms, hs in by_device_and_dtype([p for p, _ in pairs], grads, [s["exp_avg"] for s in states], hessians):
+            sophia_g_foreach(
+                ps, gs, ms, hs, lr=group["lr"], wd=group["weight_decay"], beta1=group["betas"][0], scale=scale,
+                hess_nonneg=nonneg,
+            )
 
     def _compiled_step(self, bs: float | None) -> bool:
         """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""

@@ -32,12 +32,12 @@ from ._kernels import (
     by_device_and_dtype,
     check_compile,
     check_foreach,
+    foreach_split,
     hyper_tensor,
     scalar_dtype,
     sophia_h_eager,
     sophia_h_foreach,
     step_counter_on,
-    use_foreach,
 )
 
 __all__ = ["SophiaH"]
@@ -78,11 +78,13 @@ class SophiaH(Optimizer):
             CUDA graph on GPU (the fastest GPU step; one extra gradient-sized buffer; same as
             ``True`` on CPU). Falls back to the eager step, logging why, where compilation fails.
             The compiled arithmetic may differ from the eager one in the last bits.
-        foreach: eager step with multi-tensor ops (one kernel launch per operation for all
-            tensors of a device and dtype) instead of a loop over tensors. ``None`` (default): on
-            when all parameters are on CUDA, as in ``torch.optim``. Same arithmetic either way
-            (bit-identical on CPU). Steps with ``collect_stats=True``, and groups whose
-            ``mu_dtype`` differs from the parameters', use the loop.
+        foreach: ``True``: eager step with multi-tensor ops (one kernel launch per operation for
+            all tensors of a device and dtype); ``False``: a loop over tensors. ``None`` (default):
+            multi-tensor when all parameters are on CUDA, as in ``torch.optim``; on CPU,
+            multi-tensor for tensors under 65,536 elements (dispatch-bound) and the loop for larger
+            ones. Same arithmetic either way (bit-identical on CPU). Steps with
+            ``collect_stats=True``, and groups whose ``mu_dtype`` differs from the parameters', use
+            the loop.
 
     A call sequence ``update_hessian(d); step()`` is one reference update with
     ``update_preconditioner=True``; ``step()`` alone is one with ``False``.
@@ -249,9 +251,6 @@ class SophiaH(Optimizer):
             return loss
         n_kept = sq_sum = None
         n_total = 0
-        foreach = not collect_stats and use_foreach(
-            self.foreach, [p for g in self.param_groups for p, _ in params_with_grad(g, type(self).__name__)]
-        )
         for group in self.param_groups:
             beta1, _ = group["betas"]
             lr, wd, gamma, eps = group["lr"], group["weight_decay"], group["gamma"], group["eps"]
@@ -259,8 +258,9 @@ class SophiaH(Optimizer):
             params = [p for p, _ in params_with_grad(group, type(self).__name__)]
             if not params:
                 continue
-            if foreach and self._foreach_group(group, params):
-                continue
+            multi = [False] * len(params) if collect_stats else foreach_split(self.foreach, params)
+            if any(multi) and self._foreach_group(group, [p for p, m in zip(params, multi) if m]):
+                params = [p for p, m in zip(params, multi) if not m]
             for p in params:
                 self._init_state(p, group)["step"] += 1
             for p in params:
