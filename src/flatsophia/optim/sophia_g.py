@@ -254,7 +254,8 @@ class SophiaG(Optimizer):
             grads = torch._foreach_neg(grads)
         hessians = [s["hessian"] for s in states]
         nonneg = scale >= 0 and all(self._nonneg.holds(h) for h in hessians)
-        for ps, gs, ms, hs in by_device_and_dtype([p for p, _ in pairs], grads, [s["exp_avg"] for s in states], hessians):
+        exp_avgs = [s["exp_avg"] for s in states]
+        for ps, gs, ms, hs in by_device_and_dtype([p for p, _ in pairs], grads, exp_avgs, hessians):
             sophia_g_foreach(
                 ps, gs, ms, hs, lr=group["lr"], wd=group["weight_decay"], beta1=group["betas"][0], scale=scale,
                 hess_nonneg=nonneg,
