@@ -177,7 +177,8 @@ def test_maximize_parity_float64():
             p1.grad, p2.grad = e.clone(), e.clone()
             ours.update_hessian()
             ref.update_hessian()
-    assert torch.equal(p1, p2)
+    # Same update up to rounding (ours moves the division by rho*bs out of the per-element work).
+    torch.testing.assert_close(p1, p2, rtol=1e-13, atol=1e-15)
     assert torch.equal(ours.state[p1]["hessian"], ref.state[p2]["hessian"])
 
 

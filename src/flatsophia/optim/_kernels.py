@@ -78,23 +78,37 @@ class NonnegRecord:
 
 
 # --------------------------------------------------------------------------- eager kernels
-def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scratch, hess_nonneg: bool = False):
-    """One Sophia-G update of one tensor, bit-identical to the authors' arithmetic.
+#: Below this ``rho * bs``, Sophia-G's eager step keeps the unscaled form (``eps / scale`` and the
+#: ``1 / scale`` step size would leave float32's range).
+_G_MIN_SCALE = 1e-20
 
-    ``clamp(m / d, -1, 1)`` equals ``sign(m) * min(|m| / d, 1)`` exactly for ``d > 0``, and
-    ``max(s*h + eps, eps)`` equals ``max(s*h, 0) + eps`` (the reference's ``s*h + eps`` for h >= 0).
-    ``hess_nonneg=True`` (the caller knows ``h >= 0`` and ``scale >= 0``) skips that clamp, an
-    identity then: one pass over memory less, same bits.
-    Returns the clipped direction (a scratch view) for diagnostics.
+
+def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scratch, hess_nonneg: bool = False):
+    """One Sophia-G update of one tensor, in six passes over memory (the authors' code makes ~10).
+
+    The reference's ``theta -= lr * (sign(m) * min(|m| / (s*h + eps), 1) + wd * theta)`` with
+    ``m = beta1 * m + (1 - beta1) * g``, computed for ``s = rho * bs > 0`` as
+    ``theta = theta * (1 - lr*wd) - (lr/s) * clamp(m / (h + eps/s), -s, s)`` with ``m`` updated by
+    ``lerp``: the same update up to rounding (the division by ``s`` is moved out of the
+    per-element work). A negative ``h`` (impossible with the estimator) is treated as 0, i.e. the
+    denominator is ``max(s*h, 0) + eps``; ``hess_nonneg=True`` (the caller knows ``h >= 0``) skips
+    that clamp, an identity then. Returns ``(direction, s)``: the clipped direction (a scratch
+    view) and its scale (``ratio = direction / s``), for diagnostics.
     """
     p.mul_(1 - lr * wd)
-    exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-    denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS)
+    exp_avg.lerp_(grad, 1 - beta1)
+    if scale < _G_MIN_SCALE:  # rho = 0 or tiny: the unscaled form (the denominator is ~eps)
+        denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS).clamp_(min=SOPHIA_G_EPS)
+        ratio = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-1, 1)
+        p.add_(ratio, alpha=-lr)
+        return ratio, 1.0
+    floor = SOPHIA_G_EPS / scale
+    denom = torch.add(hess, floor, out=scratch.get(0, p))
     if not hess_nonneg:
-        denom.clamp_(min=SOPHIA_G_EPS)
-    ratio = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-1, 1)
-    p.add_(ratio, alpha=-lr)
-    return ratio
+        denom.clamp_(min=floor)
+    x = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-scale, scale)
+    p.add_(x, alpha=-lr / scale)
+    return x, scale
 
 
 #: ``eps / gamma`` above this is treated as ``gamma = 0`` (the floor would overflow float32).
@@ -207,19 +221,24 @@ def by_device_and_dtype(*lists):
 
 
 def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale, hess_nonneg: bool = False):
-    """:func:`sophia_g_eager` for lists of tensors on one device and dtype (multi-tensor ops)."""
+    """:func:`sophia_g_eager` for lists of tensors on one device and dtype (multi-tensor ops, same bits on CPU)."""
     torch._foreach_mul_(params, 1 - lr * wd)
-    torch._foreach_mul_(exp_avgs, beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    denom = torch._foreach_mul(hessians, scale)
-    torch._foreach_add_(denom, SOPHIA_G_EPS)
-    if not hess_nonneg:
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    if scale < _G_MIN_SCALE:
+        denom = torch._foreach_mul(hessians, scale)
+        torch._foreach_add_(denom, SOPHIA_G_EPS)
         torch._foreach_clamp_min_(denom, SOPHIA_G_EPS)
-    ratio = torch._foreach_div(exp_avgs, denom)
+        bound, step = 1.0, -lr
+    else:
+        denom = torch._foreach_add(hessians, SOPHIA_G_EPS / scale)
+        if not hess_nonneg:
+            torch._foreach_clamp_min_(denom, SOPHIA_G_EPS / scale)
+        bound, step = scale, -lr / scale
+    x = torch._foreach_div(exp_avgs, denom)
     del denom
-    torch._foreach_clamp_min_(ratio, -1.0)
-    torch._foreach_clamp_max_(ratio, 1.0)
-    torch._foreach_add_(params, ratio, alpha=-lr)
+    torch._foreach_clamp_min_(x, -bound)
+    torch._foreach_clamp_max_(x, bound)
+    torch._foreach_add_(params, x, alpha=step)
 
 
 def sophia_h_foreach(params, grads, exp_avgs, hessians, masks, *, bias_corrections, lr, wd, beta1, gamma, eps, clip):
