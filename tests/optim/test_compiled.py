@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -96,3 +97,33 @@ def test_cuda_graph_mode_marks_each_state_tensor_static_once(monkeypatch):
     c = torch.zeros(3)  # a new state tensor (e.g. after a resume) is marked too
     kernel._mark_static([[a, c]])
     assert [id(t) for t in marked] == [id(a), id(b), id(c)]
+
+
+@pytest.mark.parametrize("cls", [SophiaH, FlatSophia])
+def test_user_compiled_step_does_not_recompile_every_step(cls):
+    """``torch.compile(opt.step)``: the step counts stay tensors while traced (no constant per step)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 7)), torch.nn.Parameter(torch.randn(7))]
+    opt = cls(ps, lr=1e-2)
+    opt.update_hessian([torch.rand_like(p) for p in ps])
+    counter = CompileCounter()  # counts traced frames without running Inductor
+    step = torch.compile(opt.step, backend=counter)
+    eager = [p.detach().clone() for p in ps]
+    ref = cls([torch.nn.Parameter(p) for p in eager], lr=1e-2)
+    ref.update_hessian([torch.rand_like(p) for p in ps])
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: loading may alias the tensors
+    frames = []
+    for t in range(6):
+        g = [torch.randn(p.shape) for p in ps]
+        for p, q, gi in zip(ps, ref.param_groups[0]["params"], g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        step()
+        ref.step()
+        frames.append(counter.frame_count)
+    assert frames[-1] == frames[2], frames  # no new compilation after the first steps
+    for p, q in zip(ps, ref.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()

@@ -306,10 +306,10 @@ class SophiaH(Optimizer):
         for (part,) in by_device_and_dtype(steps):
             torch._foreach_add_(part, 1.0)
         beta1, _ = group["betas"]
-        if all(t.device.type == "cpu" for t in steps):  # one host read for all counters
+        if _host_counters(steps):  # one host read for all counters
             counts = torch.stack([t.to(torch.float64) for t in steps]).tolist()
             bias_correction = {id(p): 1 - beta1**t for p, t in zip(params, counts)}
-        else:  # counters that ``compile=True`` moved to the device: stay there (no sync)
+        else:  # counters on a device, or a step traced by torch.compile: tensors (no sync, no recompiles)
             bias_correction = {id(p): _bias_correction(beta1, t) for p, t in zip(params, steps)}
         masks = [self._direction_divisor(s) for s in states]
         lists = [params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["hessian"] for s in states]]
@@ -380,9 +380,18 @@ class SophiaH(Optimizer):
         return {**self._last_step_stats, **hessian_ema_stats(self.state.values())}
 
 
+def _host_counters(steps) -> bool:
+    """Read step counters on the host: CPU counters, outside ``torch.compile`` tracing.
+
+    A step wrapped in ``torch.compile`` by the user would otherwise bake each step's count into
+    the graph as a constant and recompile on every step.
+    """
+    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in steps)
+
+
 def _bias_correction(beta1: float, step: torch.Tensor) -> float | torch.Tensor:
-    """``1 - beta1 ** t``: a float for a CPU counter, a 0-d tensor for one on a device (no host sync)."""
-    if step.device.type == "cpu":
+    """``1 - beta1 ** t``: a float for a host counter (:func:`_host_counters`), else a 0-d tensor (no sync)."""
+    if _host_counters([step]):
         return 1 - beta1 ** step.item()
     return 1 - beta1 ** step.to(torch.float64)
 
