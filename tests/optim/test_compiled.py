@@ -116,7 +116,7 @@ def test_user_compiled_step_does_not_recompile_every_step(cls):
     ref.update_hessian([torch.rand_like(p) for p in ps])
     ref.load_state_dict(copy.deepcopy(opt.state_dict()))  # a copy: loading may alias the tensors
     frames = []
-    for t in range(6):
+    for _ in range(6):
         g = [torch.randn(p.shape) for p in ps]
         for p, q, gi in zip(ps, ref.param_groups[0]["params"], g):
             p.grad, q.grad = gi.clone(), gi.clone()
