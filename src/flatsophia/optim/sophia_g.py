@@ -85,7 +85,7 @@ class SophiaG(Optimizer):
             ones. Same arithmetic either way (bit-identical on CPU). Steps with
             ``collect_stats=True`` use the loop.
 
-    Deliberate differences from the reference (none change results for valid states):
+    Deliberate differences from the reference (none change results for valid states beyond rounding):
         * ``update_hessian(estimates)`` optionally takes the sampled-label gradients directly
           (e.g. computed with ``torch.autograd.grad`` and all-reduced under DDP); without arguments
           it reads ``p.grad`` exactly like the reference.
