@@ -9,7 +9,9 @@ rounds, each round timing every candidate once in a rotated order, so that slow 
 (other jobs, thermal state) hits all candidates alike. Timing uses ``torch.utils.benchmark.Timer``
 (``blocked_autorange``; ``timeit(number=k)`` for the k-iteration training blocks) with
 ``num_threads=--threads``; the reported median / min / max / IQR are over all per-call samples of
-all rounds.
+all rounds. Ratios to fused AdamW are given twice: the ratio of the medians, and ``paired``, the
+median over rounds of the ratio of the two round medians (candidates of one section share rounds,
+so a drift of the machine between rounds cancels in each round's ratio).
 
 Sections:
 
@@ -558,6 +560,7 @@ def measure_interleaved(
     number: int | dict[str, int] | None = None,
     log: Callable[[str], None] = print,
     rounds_of: dict[str, int] | None = None,
+    per_round: dict[str, list[float | None]] | None = None,
 ) -> dict[str, list[float]]:
     """Per-call times (s) of every candidate, measured in ``rounds`` rotated rounds.
 
@@ -565,6 +568,8 @@ def measure_interleaved(
     candidate and round (its ``times`` are per-call averages of each block). ``number=k``:
     ``Timer.timeit(number=k)`` (one sample per round: the mean of k consecutive calls, after the
     Timer's own 2-call warm-up). ``rounds_of[name]`` caps the rounds of expensive candidates.
+    ``per_round`` (optional) receives each candidate's median of each round (``None`` for a
+    skipped round), for ratios paired round by round (:func:`paired_ratio`).
     """
     names = list(cands)
     if not isinstance(number, dict):
@@ -585,6 +590,8 @@ def measure_interleaved(
             else:
                 m = timers[n].timeit(number=number[n])
             out[n].extend(m.times)
+            if per_round is not None:
+                per_round.setdefault(n, [None] * rounds)[r] = statistics.median(m.times)
         log(f"  [{label}] round {r + 1}/{rounds} done")
     return out
 
@@ -836,10 +843,12 @@ class Bench:
                     reps[f"{name}/{variant}"] = n_rep
                     keep.append((model, opt, fn))
                     row["_opt"] = opt
+            per_round: dict[str, list[float | None]] = {}
             times = measure_interleaved(
                 cands, a.rounds, a.min_run_time, a.threads, "step", log=self.log,
                 number={k: (n if n > 1 else None) for k, n in reps.items()},
                 rounds_of={k: a.soap_rounds for k, n in reps.items() if n > 1},
+                per_round=per_round,
             )
             # Steady state? Ten more calls of each compiled step must not make dynamo convert frames.
             for key, fn in cands.items():
@@ -859,7 +868,7 @@ class Bench:
                     row["note"] = _join(row["note"], f"NOT steady: dynamo re-entered {extra}x per 10 steps")
         for key, ts in times.items():
             name, variant = key.split("/")
-            rows[name][variant].update(stats_of(ts))
+            rows[name][variant].update(stats_of(ts), round_medians_ms=_ms_list(per_round.get(key)))
         # State bytes (every optimizer has now stepped >= 3 + timing times).
         state = {}
         for name in a.optimizers:
@@ -1072,11 +1081,12 @@ class Bench:
             cands[key] = it
             keep.append((model, opt))
         # timeit(number=k): k consecutive calls hold exactly one refresh whatever the phase.
+        per_round: dict[str, list[float | None]] = {}
         times = measure_interleaved(
-            cands, a.rounds, 0.0, a.threads, "iteration", number=k, log=self.log
+            cands, a.rounds, 0.0, a.threads, "iteration", number=k, log=self.log, per_round=per_round
         )
         for key, ts in times.items():
-            rows[key].update(stats_of(ts))
+            rows[key].update(stats_of(ts), round_medians_ms=_ms_list(per_round.get(key)))
         del keep, cands
         gc.collect()
         res["iteration"] = rows
@@ -1204,21 +1214,48 @@ def _ratio(a, b) -> float | None:
     return a / b
 
 
+def _ms_list(seconds: list[float | None] | None) -> list[float | None] | None:
+    return None if seconds is None else [None if t is None else t * 1e3 for t in seconds]
+
+
+def paired_ratio(row, base) -> float | None:
+    """Median over rounds of ``row``'s round median / ``base``'s in the same round.
+
+    Candidates of one section are timed in the same interleaved rounds, so a slow drift of the
+    machine (another tenant, clocks) hits both sides of each round's ratio alike; this is less
+    sensitive to it than the ratio of the overall medians. ``None`` without common rounds.
+    """
+    if not row or not base:
+        return None
+    a, b = row.get("round_medians_ms"), base.get("round_medians_ms")
+    if not a or not b:
+        return None
+    ratios = [x / y for x, y in zip(a, b) if x is not None and y is not None and y > 0]
+    return statistics.median(ratios) if ratios else None
+
+
 def add_ratios(res) -> None:
     step = res.get("step", {})
-    base_step = _med(step.get("adamw_fused", {}).get("eager"))
+    base_row = step.get("adamw_fused", {}).get("eager")
+    base_step = _med(base_row)
     for variants in step.values():
         for row in variants.values():
             row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_step)
+            row["paired_ratio_vs_fused_adamw"] = paired_ratio(row, base_row) if _med(row) is not None else None
     it = res.get("iteration", {})
     base_it = _med(it.get("adamw_fused"))
     for row in it.values():
         row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_it)
+        row["paired_ratio_vs_fused_adamw"] = paired_ratio(row, it.get("adamw_fused")) if _med(row) else None
     for sect in ("refresh", "hvp"):
         for row in res.get(sect, {}).values():
             if isinstance(row, dict):
                 # refresh / HVP cost in units of one fused-AdamW training iteration
                 row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_it)
+
+
+def _paired_note(paired: float | None) -> str:
+    return "" if paired is None else f"; paired by round: {paired:.3f}"
 
 
 def evaluate_targets(res) -> list[dict]:
@@ -1240,11 +1277,14 @@ def evaluate_targets(res) -> list[dict]:
             if n not in step:
                 continue
             e = _med(step[n].get("eager"))
-            paths = [(_med(r), PATH_NAMES.get(p, p)) for p, r in step[n].items() if _med(r) is not None]
-            best = min(paths) if paths else (None, None)
+            paths = [(_med(r), PATH_NAMES.get(p, p), p) for p, r in step[n].items() if _med(r) is not None]
+            best = min(paths) if paths else (None, None, None)
+            paired = paired_ratio(step[n].get(best[2]), step.get("adamw_fused", {}).get("eager"))
             add(f"{n} step, fastest path <= 1.00x fused AdamW", _ratio(best[0], fused), "<=", 1.0,
-                f"fastest = {best[1]}")
-            add(f"{n} step, eager <= 0.75x authors' SophiaG", _ratio(e, authors), "<=", 0.75, "eager vs eager")
+                f"fastest = {best[1]}{_paired_note(paired)}")
+            paired = paired_ratio(step[n].get("eager"), step.get("sophia_opt", {}).get("eager"))
+            add(f"{n} step, eager <= 0.75x authors' SophiaG", _ratio(e, authors), "<=", 0.75,
+                f"eager vs eager{_paired_note(paired)}")
         if "soap" in step or "po_soap" in step:
             ours = _med(step.get("soap", {}).get("eager"))
             theirs = _med(step.get("po_soap", {}).get("eager"))
@@ -1265,10 +1305,11 @@ def evaluate_targets(res) -> list[dict]:
                         (n + "+compile", "compile=True step, separate refresh"),
                         (n + "+compile+fused", "compile=True step, fused refresh"),
                         (n + "+graphs+fused", "compile='reduce-overhead' step, fused refresh"))
-                paths = [(_med(it[key]), path) for key, path in keys if _med(it.get(key)) is not None]
-                best = min(paths) if paths else (None, None)
+                paths = [(_med(it[key]), path, key) for key, path in keys if _med(it.get(key)) is not None]
+                best = min(paths) if paths else (None, None, None)
+                paired = paired_ratio(it.get(best[2]), it.get("adamw_fused"))
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
-                    "<=", thr, f"vs fused AdamW iteration; fastest = {best[1]}")
+                    "<=", thr, f"vs fused AdamW iteration; fastest = {best[1]}{_paired_note(paired)}")
     rf = res.get("refresh", {})
     if "flat_sophia" in rf and "sophia_h" in rf:
         add("FlatSophia refresh <= 1.10x SophiaH refresh", _ratio(_med(rf["flat_sophia"]), _med(rf["sophia_h"])),
@@ -1308,20 +1349,25 @@ def markdown(res) -> str:
         f"{m['rounds']} interleaved rounds.",
         "",
         "Times in ms (median, min, max, IQR over all per-call samples). `x fused AdamW`: step rows vs the "
-        "eager fused-AdamW step; iteration, refresh and HVP rows vs the fused-AdamW training iteration.",
+        "eager fused-AdamW step; iteration, refresh and HVP rows vs the fused-AdamW training iteration "
+        "(ratio of the medians). `paired`: the median over rounds of the same ratio taken within each round "
+        "(step and iteration rows; less sensitive to the machine drifting between rounds).",
         "",
-        "| section | optimizer / what | path | median | min | max | IQR | n | x fused AdamW | compile s | note |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| section | optimizer / what | path | median | min | max | IQR | n | x fused AdamW | paired | compile s "
+        "| note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
 
     def row(sect, label, path, r):
         if r.get("status", "ok") != "ok":
-            lines.append(f"| {sect} | {label} | {path} | - | - | - | - | - | - | - | **{r['status']}**: {r['note']} |")
+            dashes = " | ".join(["-"] * 9)
+            lines.append(f"| {sect} | {label} | {path} | {dashes} | **{r['status']}**: {r['note']} |")
             return
         lines.append(
             f"| {sect} | {label} | {path} | {_ms(r.get('median_ms'))} | {_ms(r.get('min_ms'))} | "
             f"{_ms(r.get('max_ms'))} | {_ms(r.get('iqr_ms'))} | {r.get('n', '-')} | "
-            f"{_f(r.get('ratio_vs_fused_adamw'), 2)} | {_f(r.get('compile_s'), 1)} | {r.get('note', '')} |"
+            f"{_f(r.get('ratio_vs_fused_adamw'), 2)} | {_f(r.get('paired_ratio_vs_fused_adamw'), 2)} | "
+            f"{_f(r.get('compile_s'), 1)} | {r.get('note', '')} |"
         )
 
     for variants in res.get("step", {}).values():

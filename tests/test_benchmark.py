@@ -70,6 +70,24 @@ def test_step_rows_for_every_optimizer(smoke):
         for variant in set(variants) - {"eager"}:
             assert variants[variant]["status"] == "skipped" and variants[variant]["note"], (name, variant)
     assert step["adamw_fused"]["eager"]["ratio_vs_fused_adamw"] == pytest.approx(1.0)
+    # Paired ratios: one round median per round, and the baseline paired with itself is exactly 1.
+    assert step["adamw_fused"]["eager"]["paired_ratio_vs_fused_adamw"] == 1.0
+    for name in ("sophia_g", "sophia_h", "flat_sophia"):
+        eager = step[name]["eager"]
+        assert len(eager["round_medians_ms"]) == 2 and all(_finite_pos(t) for t in eager["round_medians_ms"])
+        assert _finite_pos(eager["paired_ratio_vs_fused_adamw"])
+    assert res["iteration"]["adamw_fused"]["paired_ratio_vs_fused_adamw"] == 1.0
+    assert _finite_pos(res["iteration"]["sophia_h"]["paired_ratio_vs_fused_adamw"])
+
+
+def test_paired_ratio_pairs_rounds_and_skips_missing_ones():
+    bench = _load()
+    row = {"round_medians_ms": [2.0, 9.0, None, 4.0]}
+    base = {"round_medians_ms": [1.0, 3.0, 1.0, 1.0]}
+    # per round: 2, 3, (skipped), 4 -> median 3; the ratio of medians would be 4.0 / 1.0 = 4
+    assert bench.paired_ratio(row, base) == 3.0
+    assert bench.paired_ratio(row, {"round_medians_ms": None}) is None
+    assert bench.paired_ratio({"round_medians_ms": [None]}, {"round_medians_ms": [1.0]}) is None
 
 
 def test_refresh_iteration_hvp_rows(smoke):
