@@ -1241,12 +1241,12 @@ def add_ratios(res) -> None:
     for variants in step.values():
         for row in variants.values():
             row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_step)
-            row["paired_ratio_vs_fused_adamw"] = paired_ratio(row, base_row) if _med(row) is not None else None
+            row["paired_ratio_vs_fused_adamw"] = paired_ratio(row, base_row)
     it = res.get("iteration", {})
     base_it = _med(it.get("adamw_fused"))
     for row in it.values():
         row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_it)
-        row["paired_ratio_vs_fused_adamw"] = paired_ratio(row, it.get("adamw_fused")) if _med(row) else None
+        row["paired_ratio_vs_fused_adamw"] = paired_ratio(row, it.get("adamw_fused"))
     for sect in ("refresh", "hvp"):
         for row in res.get(sect, {}).values():
             if isinstance(row, dict):

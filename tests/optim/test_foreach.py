@@ -149,6 +149,10 @@ def test_nonneg_record_follows_in_place_writes_and_replacement():
     good, bad, nan = torch.rand(5), torch.tensor([1.0, -1e-30]), torch.tensor([float("nan"), 1.0])
     rec.verify([good, bad, nan, torch.zeros(0)])
     assert (rec.holds(good), rec.holds(bad), rec.holds(nan)) == (True, False, False)
+    n = len(rec._records)
+    del good
+    rec.verify([])  # a freed tensor's record is dropped
+    assert len(rec._records) == n - 1
 
 
 @pytest.mark.parametrize("foreach", [False, True])

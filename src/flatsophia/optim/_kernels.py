@@ -65,7 +65,11 @@ class NonnegRecord:
         return rec is not None and rec[0]() is t and rec[1] == t._version
 
     def verify(self, tensors: list[torch.Tensor]) -> None:
-        """Record those of ``tensors`` whose minimum is >= 0 (one host sync for all of them)."""
+        """Record those of ``tensors`` whose minimum is >= 0 (one host sync for all of them).
+
+        Also drops the records of freed tensors (e.g. the buffers a ``load_state_dict`` replaced).
+        """
+        self._records = {k: rec for k, rec in self._records.items() if rec[0]() is not None}
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in tensors:
             if t.numel():
@@ -218,6 +222,12 @@ def by_device_and_dtype(*lists):
         for out, item in zip(bucket, items):
             out.append(item)
     return list(buckets.values())
+
+
+def increment_steps(steps: list[torch.Tensor]) -> None:
+    """Add 1 to every 0-d step counter, one multi-tensor op per device and dtype."""
+    for (part,) in by_device_and_dtype(steps):
+        torch._foreach_add_(part, 1.0)
 
 
 def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale, hess_nonneg: bool = False):

@@ -34,6 +34,7 @@ from ._kernels import (
     check_foreach,
     foreach_split,
     hyper_tensor,
+    increment_steps,
     scalar_dtype,
     sophia_g_eager,
     sophia_g_foreach,
@@ -251,8 +252,7 @@ class SophiaG(Optimizer):
     def _foreach_group(self, group: dict, pairs: list, scale: float) -> None:
         """The eager step of ``pairs`` (parameter, gradient) of one group with multi-tensor ops."""
         states = [self._init_state(p) for p, _ in pairs]
-        for (steps,) in by_device_and_dtype([s["step"] for s in states]):
-            torch._foreach_add_(steps, 1.0)
+        increment_steps([s["step"] for s in states])
         grads = [g for _, g in pairs]
         if group["maximize"]:
             grads = torch._foreach_neg(grads)

@@ -34,6 +34,7 @@ from ._kernels import (
     check_foreach,
     foreach_split,
     hyper_tensor,
+    increment_steps,
     scalar_dtype,
     sophia_h_eager,
     sophia_h_foreach,
@@ -303,8 +304,7 @@ class SophiaH(Optimizer):
         if any(s["exp_avg"].dtype != p.dtype for s, p in zip(states, params)):
             return False
         steps = [s["step"] for s in states]
-        for (part,) in by_device_and_dtype(steps):
-            torch._foreach_add_(part, 1.0)
+        increment_steps(steps)
         beta1, _ = group["betas"]
         if _host_counters(steps):  # one host read for all counters
             counts = torch.stack([t.to(torch.float64) for t in steps]).tolist()
