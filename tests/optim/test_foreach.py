@@ -188,3 +188,46 @@ def test_sophia_g_skips_the_clamp_only_when_h_is_known_nonneg_and_keeps_the_bits
     assert opt._nonneg.holds(opt.state[p]["hessian"])
     opt.update_hessian()
     assert opt._nonneg.holds(opt.state[p]["hessian"])
+
+
+def test_lerp_factor_folds_decay_only_where_it_is_safe():
+    p32, p16 = torch.zeros(3), torch.zeros(3, dtype=torch.float16)
+    assert _kernels.lerp_factor(1e-3, 0.1, 50.0, 2.0, p32, p32) == pytest.approx(-500.0)
+    assert _kernels.lerp_factor(0.0, 0.1, 50.0, 2.0, p32, p32) == pytest.approx(-500.0)  # lr = 0: w = 0
+    for args in [
+        (1e-3, 0.0, 50.0, 2.0, p32, p32),  # no decay: the plain add is already one pass
+        (1e-3, 0.1, 50.0, None, p32, p32),  # no clip: the direction is unbounded
+        (torch.tensor(1e-3), 0.1, 50.0, 2.0, p32, p32),  # tensor lr
+        (1e-3, 0.1, torch.tensor(50.0), 2.0, p32, p32),  # device-side scale
+        (1e-3, 0.1, 50.0, 2.0, p32, p32.double()),  # momentum wider than the parameter
+        (1e-3, 1e-36, 50.0, 2.0, p32, p32),  # k * bound would overflow float32
+        (1e-3, 1e-3, 1.0, 10.0, p16, p16),  # 1e4 is too close to float16's max (65504)
+        (1e-3, 0.1, 50.0, float("inf"), p32, p32),
+    ]:
+        assert _kernels.lerp_factor(*args) is None, args
+
+
+@pytest.mark.parametrize("divisor", [False, True], ids=["sophia_h", "flat_sophia"])
+@pytest.mark.parametrize("wd", [0.0, 0.3, 1e-37])
+def test_sophia_h_kernel_matches_the_formula_with_and_without_the_lerp_fold(divisor, wd):
+    """``theta (1 - lr wd) - lr * clip(mu_hat / max(gamma nu, eps), c) / mask``, float64, per path."""
+    torch.manual_seed(3)
+    n = 1000
+    p, grad, mu, nu = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64), \
+        torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64) * 0.5
+    mask = torch.where(torch.rand(n) < 0.3, 10, 1).to(torch.int8) if divisor else None
+    lr, beta1, bc, gamma, eps, clip = 0.02, 0.9, 0.3, 0.05, 1e-3, 1.0
+    mu_new = beta1 * mu + (1 - beta1) * grad
+    u = (mu_new / bc / torch.clamp(gamma * nu, min=eps)).clamp(-clip, clip)
+    if mask is not None:
+        u = u / mask
+    expected = p * (1 - lr * wd) - lr * u
+    stats = []
+    _kernels.sophia_h_eager(p, grad, mu, nu, mask, lr=lr, wd=wd, beta1=beta1, bias_correction=bc, gamma=gamma,
+                            eps=eps, clip=clip, scratch=_kernels.Scratch(), stats=stats)
+    torch.testing.assert_close(mu, mu_new, rtol=1e-13, atol=1e-16)  # lerp: rounding differs
+    torch.testing.assert_close(p, expected, rtol=1e-13, atol=1e-15)
+    kept, sq = stats
+    raw = (mu_new / bc / torch.clamp(gamma * nu, min=eps)).abs()
+    assert 0 < kept.item() < n and kept.item() == (raw < clip).sum().item()
+    torch.testing.assert_close(sq.double(), u.square().sum(), rtol=1e-6, atol=0)  # summed in float32

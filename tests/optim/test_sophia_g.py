@@ -134,7 +134,9 @@ def test_parity_with_sophia_opt(dtype, bs_mode):
     # The first 9 steps run with h = 0 (all clipped); afterwards both regimes must be exercised.
     assert win_rates[0] == 0.0
     assert 0.05 < max(win_rates[10:]) and min(win_rates[10:]) < 0.95
-    assert worst_p <= 1e-6 and worst_s <= 1e-6
+    # fp32: both sides carry their own rounding drift (the authors' fp32 run drifts ~9e-7 from
+    # their fp64 run over these steps, ours ~3e-7: test_fp32_drift_no_larger_than_authors).
+    assert worst_p <= 2e-6 and worst_s <= 1e-6
     if dtype == torch.float64:
         assert worst_p <= 1e-12 and worst_s <= 1e-12
 
@@ -155,7 +157,7 @@ def test_parity_with_sophia_opt(dtype, bs_mode):
         assert ours2.state[p]["exp_avg"].dtype == dtype
     worst_p2, worst_s2 = _train(ours2, ref2, m_ours, m_ref, gen, dtype, 60, 20, bs, bs_mode, win_rates)
     print(f"[SophiaG parity {dtype} bs={bs_mode}] +20 steps after reload: {worst_p2:.3e} / {worst_s2:.3e}")
-    assert worst_p2 <= 1e-6 and worst_s2 <= 1e-6
+    assert worst_p2 <= 2e-6 and worst_s2 <= 1e-6
     for p in m_ours.parameters():
         assert ours2.state[p]["step"].item() == 80
 
@@ -334,3 +336,51 @@ def test_closure_and_maximize_flag():
     q.grad = torch.tensor([2.0])
     opt2.step()
     assert q.item() == pytest.approx(1.1)
+
+
+def test_fp32_drift_no_larger_than_authors():
+    """In float32, ours stays at least as close as the authors' float32 run to their float64 run.
+
+    Float64 is the reference here: both float32 runs see the same (rounded) gradients, so any
+    difference in distance comes from the update's arithmetic.
+    """
+    RefSophiaG = _reference_cls()
+    torch.manual_seed(0)
+    m64 = Net().double()
+    m_ref32, m_ours32 = copy.deepcopy(m64).float(), copy.deepcopy(m64).float()
+    kw = dict(lr=1e-3, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2)
+    ref64, ref32 = RefSophiaG(_groups(m64), **kw), RefSophiaG(_groups(m_ref32), **kw)
+    ours32 = SophiaG(_groups(m_ours32), **kw)
+    gen = torch.Generator().manual_seed(1)
+
+    def grads_to_fp32():
+        for m in (m_ref32, m_ours32):
+            for src, dst in zip(m64.parameters(), m.parameters(), strict=True):
+                dst.grad = src.grad.float()
+
+    def drift(m):
+        return max((a.double() - b).abs().max().item() for a, b in zip(m.parameters(), m64.parameters(), strict=True))
+
+    for it in range(80):
+        x, y = _batch(gen, torch.float64)
+        F.cross_entropy(m64(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(m64.parameters(), 1.0)
+        grads_to_fp32()
+        for opt in (ref64, ref32, ours32):
+            opt.step(bs=2048)
+        if it % 10 == 9:
+            for m in (m64, m_ref32, m_ours32):
+                m.zero_grad(set_to_none=True)
+            x2, _ = _batch(gen, torch.float64)
+            logits = m64(x2)
+            with torch.no_grad():
+                yhat = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
+            F.cross_entropy(logits, yhat).backward()
+            grads_to_fp32()
+            for opt in (ref64, ref32, ours32):
+                opt.update_hessian()
+            theirs, ours = drift(m_ref32), drift(m_ours32)
+            assert 0 < theirs < 1e-5, theirs  # float32 rounding, not a different algorithm
+            assert ours <= 1.05 * theirs, (it, ours, theirs)
+        for m in (m64, m_ref32, m_ours32):
+            m.zero_grad(set_to_none=True)

@@ -42,6 +42,14 @@ class Scratch:
             self._buffers[key] = buf
         return buf[: like.numel()].view(like.shape)
 
+    def zero(self, like: torch.Tensor) -> torch.Tensor:
+        """A 0-d zero of ``like``'s dtype and device (the broadcast ``input`` of ``addcdiv``)."""
+        key = ("zero", like.dtype, like.device)
+        z = self._buffers.get(key)
+        if z is None:
+            z = self._buffers[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+        return z
+
     def clear(self) -> None:
         self._buffers.clear()
 
@@ -87,32 +95,66 @@ class NonnegRecord:
 _G_MIN_SCALE = 1e-20
 
 
+def lerp_factor(lr, wd, step_per_lr, bound, p: torch.Tensor, x: torch.Tensor):
+    """``k`` such that ``p.lerp_(k * c, lr * wd)`` is the decayed update ``p * (1 - lr * wd) - lr * step_per_lr * c``.
+
+    ``lerp`` computes ``p + w * (e - p)`` in one pass over ``p``, where the decay and the update
+    take two (``p.mul_``, ``p.add_``); with ``k = -step_per_lr / wd`` the two agree up to rounding,
+    and the rounding error of ``e - p`` is relative to the update and the decay, not to ``p``.
+    ``None`` (use the two-pass form) unless both forms are plain-number arithmetic on one dtype
+    and the scaled direction stays far inside the dtype's range: ``wd != 0``, a finite ``bound``
+    on ``|c|`` (the clip), Python-number ``lr``/``wd``/``step_per_lr``, ``x`` of ``p``'s dtype.
+    """
+    plain = (int, float)
+    if not (isinstance(lr, plain) and isinstance(wd, plain) and isinstance(step_per_lr, plain)):
+        return None
+    if wd == 0 or not isinstance(bound, plain) or x.dtype != p.dtype or not x.dtype.is_floating_point:
+        return None
+    k = -step_per_lr / wd
+    if not abs(k) * bound <= torch.finfo(x.dtype).max / 16:  # also False for inf/NaN
+        return None
+    return k
+
+
 def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scratch, hess_nonneg: bool = False):
-    """One Sophia-G update of one tensor, in six passes over memory (the authors' code makes ~10).
+    """One Sophia-G update of one tensor, in five passes over memory (the authors' code makes ~10).
 
     The reference's ``theta -= lr * (sign(m) * min(|m| / (s*h + eps), 1) + wd * theta)`` with
     ``m = beta1 * m + (1 - beta1) * g``, computed for ``s = rho * bs > 0`` as
     ``theta = theta * (1 - lr*wd) - (lr/s) * clamp(m / (h + eps/s), -s, s)`` with ``m`` updated by
     ``lerp``: the same update up to rounding (the division by ``s`` is moved out of the
-    per-element work). A negative ``h`` (impossible with the estimator) is treated as 0, i.e. the
+    per-element work). With weight decay, the decay and the update are one ``lerp`` of the
+    parameter towards ``k * direction`` (:func:`lerp_factor`; ``k`` is folded into the division and
+    the clip). A negative ``h`` (impossible with the estimator) is treated as 0, i.e. the
     denominator is ``max(s*h, 0) + eps``; ``hess_nonneg=True`` (the caller knows ``h >= 0``) skips
-    that clamp, an identity then. Returns ``(direction, s)``: the clipped direction (a scratch
-    view) and its scale (``ratio = direction / s``), for diagnostics.
+    that clamp, an identity then. Returns ``(direction, bound)``: the clipped direction (a scratch
+    view, possibly scaled by a negative factor) and its clip bound (``|ratio| = |direction| / bound``),
+    for diagnostics.
     """
-    p.mul_(1 - lr * wd)
-    exp_avg.lerp_(grad, 1 - beta1)
     if scale < _G_MIN_SCALE:  # rho = 0 or tiny: the unscaled form (the denominator is ~eps)
+        p.mul_(1 - lr * wd)
+        exp_avg.lerp_(grad, 1 - beta1)
         denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS).clamp_(min=SOPHIA_G_EPS)
         ratio = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-1, 1)
         p.add_(ratio, alpha=-lr)
         return ratio, 1.0
+    k = lerp_factor(lr, wd, 1 / scale, scale, p, exp_avg)
+    if k is None:
+        p.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
     floor = SOPHIA_G_EPS / scale
     denom = torch.add(hess, floor, out=scratch.get(0, p))
     if not hess_nonneg:
         denom.clamp_(min=floor)
-    x = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-scale, scale)
-    p.add_(x, alpha=-lr / scale)
-    return x, scale
+    if k is None:
+        x = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-scale, scale)
+        p.add_(x, alpha=-lr / scale)
+        return x, scale
+    # The decay folded into one lerp: x = k * m / denom (k < 0), clipped at |k| * scale.
+    bound = abs(k) * scale
+    x = torch.addcdiv(scratch.zero(p), exp_avg, denom, value=k, out=scratch.get(1, p)).clamp_(-bound, bound)
+    p.lerp_(x, lr * wd)
+    return x, bound
 
 
 #: ``eps / gamma`` above this is treated as ``gamma = 0`` (the floor would overflow float32).
@@ -133,27 +175,37 @@ def sophia_h_scale(bias_correction, gamma: float, eps: float):
 
 def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_correction, gamma, eps, clip,
                    scratch: Scratch, stats: list | None = None):
-    """One Sophia-H update of one tensor (FlatSophia's with an int8 ``divisor``) in six passes over memory
-    (FlatSophia: plus a light one converting the int8 mask; its division is folded into the update).
+    """One Sophia-H update of one tensor (FlatSophia's with an int8 ``divisor``) in five passes over
+    memory (FlatSophia: plus a light one converting the int8 mask and one dividing by it).
 
     ``theta -= lr * (clip(mu_hat / max(gamma * nu, eps), c) / mask + wd * theta)`` is computed as
     ``theta = theta * (1 - lr * wd) - lr * s * clip(x, c / s) / mask`` with ``x = mu / max(nu, eps / gamma)``
     and ``s = 1 / (bias_correction * gamma) > 0`` (:func:`sophia_h_scale`): the same update up to
-    rounding, without materialising the bias-corrected momentum or the scaled Hessian. The momentum
-    is formed in the wider of the parameter's and ``exp_avg``'s dtypes and stored in ``exp_avg``'s.
-    ``stats`` (a list) receives ``(n_kept, sum of squares of the final direction)`` as 0-d tensors.
+    rounding, without materialising the bias-corrected momentum or the scaled Hessian. With weight
+    decay and a clip, the decay and the update are one ``lerp`` of the parameter towards ``k * x``
+    (:func:`lerp_factor`; ``k`` is folded into the division and the clip). The momentum is formed in
+    the wider of the parameter's and ``exp_avg``'s dtypes and stored in ``exp_avg``'s. ``stats`` (a
+    list) receives ``(n_kept, sum of squares of the final direction)`` as 0-d tensors.
     """
     mu = exp_avg.to(torch.promote_types(p.dtype, exp_avg.dtype))
     mu.lerp_(grad if grad.dtype == mu.dtype else grad.to(mu.dtype), 1 - beta1)
     if mu is not exp_avg:
         exp_avg.copy_(mu)
     h_floor, s = sophia_h_scale(bias_correction, gamma, eps)
+    bound = None if clip is None else clip / s
+    k = lerp_factor(lr, wd, s, bound, p, mu)
     x = scratch.get(0, mu)
-    if h_floor is None:
+    if k is not None:  # x = k * mu / max(nu, floor): |x| / |k| is the unscaled direction
+        if h_floor is None:
+            torch.mul(mu, k, out=x)
+        else:
+            den = torch.clamp(hess, min=h_floor, out=scratch.get(1, hess))
+            torch.addcdiv(scratch.zero(mu), mu, den, value=k, out=x)
+        bound, s = abs(k) * bound, s / abs(k)
+    elif h_floor is None:
         x.copy_(mu)
     else:
         torch.div(mu, torch.clamp(hess, min=h_floor, out=scratch.get(1, hess)), out=x)
-    bound = None if clip is None else clip / s
     if stats is not None:
         stats.append((x.abs() < bound).sum() if bound is not None else torch.tensor(x.numel(), device=x.device))
     if bound is not None:
@@ -161,6 +213,13 @@ def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_corre
             x.clamp_(min=-bound, max=bound)
         else:
             x.clamp_(-bound, bound)
+    if k is not None:
+        if divisor is not None:  # int8 -> float into a scratch buffer (exact for |mask| <= 127)
+            x.div_(divisor if divisor.dtype == x.dtype else scratch.get(2, x).copy_(divisor))
+        if stats is not None:  # scaled first: |x| may approach clip / wd
+            stats.append((x.float() * s).square().sum())
+        p.lerp_(x, lr * wd)
+        return
     if wd != 0:
         p.mul_(1 - lr * wd)
     if isinstance(s, torch.Tensor):  # device counter: the scale stays on the device
@@ -210,11 +269,13 @@ def foreach_split(flag: bool | None, params) -> list[bool]:
         return [True] * len(params)
     if flag is False:
         return [False] * len(params)
-    return [p.device.type == "cpu" and p.numel() < FOREACH_CPU_MAX_NUMEL for p in params]
+    return [p.is_cpu and p.numel() < FOREACH_CPU_MAX_NUMEL for p in params]
 
 
 def by_device_and_dtype(*lists):
     """Split parallel tensor lists into sub-lists sharing the first list's device and dtype (foreach needs both)."""
+    if len({(t.device, t.dtype) for t in lists[0]}) <= 1:  # the common case: one bucket (or none)
+        return [[list(part) for part in lists]] if lists[0] else []
     buckets: dict[tuple, list[list]] = {}
     for items in zip(*lists):
         key = (items[0].device, items[0].dtype)
@@ -232,7 +293,9 @@ def increment_steps(steps: list[torch.Tensor]) -> None:
 
 def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale, hess_nonneg: bool = False):
     """:func:`sophia_g_eager` for lists of tensors on one device and dtype (multi-tensor ops, same bits on CPU)."""
-    torch._foreach_mul_(params, 1 - lr * wd)
+    k = None if scale < _G_MIN_SCALE else lerp_factor(lr, wd, 1 / scale, scale, params[0], exp_avgs[0])
+    if k is None:
+        torch._foreach_mul_(params, 1 - lr * wd)
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     if scale < _G_MIN_SCALE:
         denom = torch._foreach_mul(hessians, scale)
@@ -244,11 +307,19 @@ def sophia_g_foreach(params, grads, exp_avgs, hessians, *, lr, wd, beta1, scale,
         if not hess_nonneg:
             torch._foreach_clamp_min_(denom, SOPHIA_G_EPS / scale)
         bound, step = scale, -lr / scale
-    x = torch._foreach_div(exp_avgs, denom)
+    if k is None:
+        x = torch._foreach_div(exp_avgs, denom)
+    else:  # (k * m) / denom, as addcdiv computes it in the per-tensor loop
+        x = torch._foreach_mul(exp_avgs, k)
+        torch._foreach_div_(x, denom)
+        bound = abs(k) * scale
     del denom
     torch._foreach_clamp_min_(x, -bound)
     torch._foreach_clamp_max_(x, bound)
-    torch._foreach_add_(params, x, alpha=step)
+    if k is None:
+        torch._foreach_add_(params, x, alpha=step)
+    else:
+        torch._foreach_lerp_(params, x, lr * wd)
 
 
 def sophia_h_foreach(params, grads, exp_avgs, hessians, masks, *, bias_corrections, lr, wd, beta1, gamma, eps, clip):
@@ -265,20 +336,32 @@ def sophia_h_foreach(params, grads, exp_avgs, hessians, masks, *, bias_correctio
     for bc, idx in buckets.values():
         ps, ms, hs = [params[i] for i in idx], [exp_avgs[i] for i in idx], [hessians[i] for i in idx]
         h_floor, s = sophia_h_scale(bc, gamma, eps)
-        if h_floor is None:
-            x = torch._foreach_mul(ms, 1.0)
-            spare = None
+        bound = None if clip is None else clip / s
+        k = lerp_factor(lr, wd, s, bound, ps[0], ms[0])
+        spare = None if h_floor is None else torch._foreach_clamp_min(hs, h_floor)
+        if k is not None:  # (k * mu) / max(nu, floor), as addcdiv computes it in the per-tensor loop
+            x = torch._foreach_mul(ms, k)
+            if spare is not None:
+                torch._foreach_div_(x, spare)
+            bound, s = abs(k) * bound, s / abs(k)
         else:
-            spare = torch._foreach_clamp_min(hs, h_floor)
-            x = torch._foreach_div(ms, spare)
-        if clip is not None:
-            bound = clip / s
+            x = torch._foreach_mul(ms, 1.0) if spare is None else torch._foreach_div(ms, spare)
+        if bound is not None:
             if isinstance(bound, torch.Tensor):  # a device counter: per tensor (no host sync)
                 for t in x:
                     t.clamp_(min=-bound, max=bound)
             else:
                 torch._foreach_clamp_min_(x, -bound)
                 torch._foreach_clamp_max_(x, bound)
+        if masks is not None:
+            # int8 -> float into spent buffers (exact for |mask| <= 127)
+            spare = spare if spare is not None else torch._foreach_mul(ms, 0.0)
+            torch._foreach_copy_(spare, [masks[i] for i in idx])
+        if k is not None:
+            if masks is not None:
+                torch._foreach_div_(x, spare)
+            torch._foreach_lerp_(ps, x, lr * wd)
+            continue
         if wd != 0:
             torch._foreach_mul_(ps, 1 - lr * wd)
         if isinstance(s, torch.Tensor):
@@ -286,11 +369,7 @@ def sophia_h_foreach(params, grads, exp_avgs, hessians, masks, *, bias_correctio
             s = 1.0
         if masks is None:
             torch._foreach_add_(ps, x, alpha=-lr * s)
-        else:
-            # int8 -> float into spent buffers (exact for |mask| <= 127); the division by the
-            # mask is folded into the update, as in sophia_h_eager.
-            spare = spare if spare is not None else torch._foreach_mul(ms, 0.0)
-            torch._foreach_copy_(spare, [masks[i] for i in idx])
+        else:  # the division by the mask is folded into the update, as in sophia_h_eager
             torch._foreach_addcdiv_(ps, x, spare, value=-lr * s)
 
 

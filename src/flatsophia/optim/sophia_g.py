@@ -233,13 +233,13 @@ class SophiaG(Optimizer):
                 state = self._init_state(p)
                 state["step"] += 1
                 grad = -grad if group["maximize"] else grad
-                x, x_scale = sophia_g_eager(
+                x, x_bound = sophia_g_eager(
                     p, grad, state["exp_avg"], state["hessian"], lr=lr, wd=wd, beta1=beta1, scale=scale,
                     scratch=self._scratch, hess_nonneg=self._nonneg.holds(state["hessian"]),
                 )
-                if collect_stats:  # the clipping ratio is x / x_scale, clipped at 1
-                    kept = (x.abs() < x_scale).sum()
-                    sq = x.square().sum() / x_scale**2
+                if collect_stats:  # |clipping ratio| = |x| / x_bound, clipped at 1
+                    kept = (x.abs() < x_bound).sum()
+                    sq = (x / x_bound).square().sum()
                     n_kept = kept if n_kept is None else n_kept + kept
                     sq_sum = sq if sq_sum is None else sq_sum + sq
                     n_total = p.numel() + (n_total or 0)

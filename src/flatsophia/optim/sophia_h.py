@@ -306,8 +306,8 @@ class SophiaH(Optimizer):
         steps = [s["step"] for s in states]
         increment_steps(steps)
         beta1, _ = group["betas"]
-        if _host_counters(steps):  # one host read for all counters
-            counts = torch.stack([t.to(torch.float64) for t in steps]).tolist()
+        if _host_counters(steps):  # CPU counters: read without a device sync
+            counts = [t.item() for t in steps]
             bias_correction = {id(p): 1 - beta1**t for p, t in zip(params, counts)}
         else:  # counters on a device, or a step traced by torch.compile: tensors (no sync, no recompiles)
             bias_correction = {id(p): _bias_correction(beta1, t) for p, t in zip(params, steps)}
@@ -386,7 +386,7 @@ def _host_counters(steps) -> bool:
     A step wrapped in ``torch.compile`` by the user would otherwise bake each step's count into
     the graph as a constant and recompile on every step.
     """
-    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in steps)
+    return not torch.compiler.is_compiling() and all(t.is_cpu for t in steps)
 
 
 def _bias_correction(beta1: float, step: torch.Tensor) -> float | torch.Tensor:
