@@ -143,16 +143,17 @@ def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scr
         p.mul_(1 - lr * wd)
     exp_avg.lerp_(grad, 1 - beta1)
     floor = SOPHIA_G_EPS / scale
+    # One scratch buffer: the denominator is overwritten by the direction (elementwise, same index).
     denom = torch.add(hess, floor, out=scratch.get(0, p))
     if not hess_nonneg:
         denom.clamp_(min=floor)
     if k is None:
-        x = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-scale, scale)
+        x = torch.div(exp_avg, denom, out=denom).clamp_(-scale, scale)
         p.add_(x, alpha=-lr / scale)
         return x, scale
     # The decay folded into one lerp: x = k * m / denom (k < 0), clipped at |k| * scale.
     bound = abs(k) * scale
-    x = torch.addcdiv(scratch.zero(p), exp_avg, denom, value=k, out=scratch.get(1, p)).clamp_(-bound, bound)
+    x = torch.addcdiv(scratch.zero(p), exp_avg, denom, value=k, out=denom).clamp_(-bound, bound)
     p.lerp_(x, lr * wd)
     return x, bound
 
@@ -194,18 +195,19 @@ def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_corre
     h_floor, s = sophia_h_scale(bias_correction, gamma, eps)
     bound = None if clip is None else clip / s
     k = lerp_factor(lr, wd, s, bound, p, mu)
+    # One scratch buffer: the clamped Hessian is overwritten by the direction (elementwise, same index).
     x = scratch.get(0, mu)
     if k is not None:  # x = k * mu / max(nu, floor): |x| / |k| is the unscaled direction
         if h_floor is None:
             torch.mul(mu, k, out=x)
         else:
-            den = torch.clamp(hess, min=h_floor, out=scratch.get(1, hess))
-            torch.addcdiv(scratch.zero(mu), mu, den, value=k, out=x)
+            torch.addcdiv(scratch.zero(mu), mu, torch.clamp(hess, min=h_floor, out=x), value=k, out=x)
         bound, s = abs(k) * bound, s / abs(k)
     elif h_floor is None:
         x.copy_(mu)
-    else:
-        torch.div(mu, torch.clamp(hess, min=h_floor, out=scratch.get(1, hess)), out=x)
+    else:  # a separate buffer when the momentum is wider than the Hessian (mu_dtype)
+        den = x if hess.dtype == x.dtype else scratch.get(1, hess)
+        torch.div(mu, torch.clamp(hess, min=h_floor, out=den), out=x)
     if stats is not None:
         stats.append((x.abs() < bound).sum() if bound is not None else torch.tensor(x.numel(), device=x.device))
     if bound is not None:
@@ -215,7 +217,7 @@ def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_corre
             x.clamp_(-bound, bound)
     if k is not None:
         if divisor is not None:  # int8 -> float into a scratch buffer (exact for |mask| <= 127)
-            x.div_(divisor if divisor.dtype == x.dtype else scratch.get(2, x).copy_(divisor))
+            x.div_(divisor if divisor.dtype == x.dtype else scratch.get(1, x).copy_(divisor))
         if stats is not None:  # scaled first: |x| may approach clip / wd
             stats.append((x.float() * s).square().sum())
         p.lerp_(x, lr * wd)
@@ -232,9 +234,9 @@ def sophia_h_eager(p, grad, exp_avg, hess, divisor, *, lr, wd, beta1, bias_corre
         return
     # int8 -> float into a scratch buffer (exact for |mask| <= 127); the division by the mask
     # is folded into the parameter update (addcdiv: one pass over memory less).
-    divisor = divisor if divisor.dtype == x.dtype else scratch.get(2, x).copy_(divisor)
+    divisor = divisor if divisor.dtype == x.dtype else scratch.get(1, x).copy_(divisor)
     if stats is not None:
-        stats.append(torch.div(x, divisor, out=scratch.get(3, x)).float().square().sum() * s**2)
+        stats.append(torch.div(x, divisor, out=scratch.get(2, x)).float().square().sum() * s**2)
     p.addcdiv_(x, divisor, value=-lr * s)
 
 
