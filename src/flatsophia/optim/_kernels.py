@@ -1,8 +1,10 @@
 """Step kernels of the Sophia family: eager (per tensor or multi-tensor) and ``torch.compile``d.
 
-Per-tensor eager kernels write their temporaries into two scratch buffers sized for the largest
-parameter instead of allocating fresh tensors every step: on CPU a large fresh allocation is
-page-faulted and zeroed by the kernel, which costs about as much as the arithmetic.
+Per-tensor eager kernels write their temporaries into one scratch buffer sized for the largest
+parameter (FlatSophia: a second one for the float copy of its int8 mask) instead of allocating
+fresh tensors every step: on CPU a large fresh allocation is page-faulted and zeroed by the kernel,
+which costs about as much as the arithmetic, and one reused buffer keeps a step's working set in
+the last-level cache.
 
 Multi-tensor (``foreach``) eager kernels run the same operations in the same order on whole lists
 of tensors (``torch._foreach_*``: one launch per operation for all tensors of a device and dtype
