@@ -202,6 +202,8 @@ def test_lerp_factor_folds_decay_only_where_it_is_safe():
         (1e-3, 0.1, 50.0, 2.0, p32, p32.double()),  # momentum wider than the parameter
         (1e-3, 1e-36, 50.0, 2.0, p32, p32),  # k * bound would overflow float32
         (1e-3, 1e-3, 1.0, 10.0, p16, p16),  # 1e4 is too close to float16's max (65504)
+        (1e-3, 0.5, 1.0, 1.0, p16, p16),  # float16: k * mu could overflow before the division
+        (1e-3, 1.0, 1e30, 1e-30, p32, p32),  # |k| = 1e30: k * mu overflows float32 for |mu| > 3.4e8
         (1e-3, 0.1, 50.0, float("inf"), p32, p32),
     ]:
         assert _kernels.lerp_factor(*args) is None, args

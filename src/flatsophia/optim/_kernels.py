@@ -104,7 +104,7 @@ def lerp_factor(lr, wd, step_per_lr, bound, p: torch.Tensor, x: torch.Tensor):
     take two (``p.mul_``, ``p.add_``); with ``k = -step_per_lr / wd`` the two agree up to rounding,
     and the rounding error of ``e - p`` is relative to the update and the decay, not to ``p``.
     ``None`` (use the two-pass form) unless both forms are plain-number arithmetic on one dtype
-    and the scaled direction stays far inside the dtype's range: ``wd != 0``, a finite ``bound``
+    and the scaled values stay far inside the dtype's range: ``wd != 0``, a finite ``bound``
     on ``|c|`` (the clip), Python-number ``lr``/``wd``/``step_per_lr``, ``x`` of ``p``'s dtype.
     """
     plain = (int, float)
@@ -113,7 +113,10 @@ def lerp_factor(lr, wd, step_per_lr, bound, p: torch.Tensor, x: torch.Tensor):
     if wd == 0 or not isinstance(bound, plain) or x.dtype != p.dtype or not x.dtype.is_floating_point:
         return None
     k = -step_per_lr / wd
-    if not abs(k) * bound <= torch.finfo(x.dtype).max / 16:  # also False for inf/NaN
+    fmax = torch.finfo(x.dtype).max
+    # |k| * bound bounds the lerp's target; |k| <= fmax * 2**-40 keeps the division's intermediate
+    # k * mu finite for any |mu| < 2**40 (float32, bfloat16; float16 always takes the two-pass form).
+    if not (abs(k) * bound <= fmax / 16 and abs(k) <= fmax * 2.0**-40):  # also False for inf/NaN
         return None
     return k
 
