@@ -110,7 +110,7 @@ def lerp_factor(lr, wd, step_per_lr, bound, p: torch.Tensor, x: torch.Tensor):
     plain = (int, float)
     if not (isinstance(lr, plain) and isinstance(wd, plain) and isinstance(step_per_lr, plain)):
         return None
-    if wd == 0 or not isinstance(bound, plain) or x.dtype != p.dtype or not x.dtype.is_floating_point:
+    if wd == 0 or not isinstance(bound, plain) or x.dtype != p.dtype:
         return None
     k = -step_per_lr / wd
     fmax = torch.finfo(x.dtype).max
@@ -136,17 +136,15 @@ def sophia_g_eager(p, grad, exp_avg, hess, *, lr, wd, beta1, scale, scratch: Scr
     view, possibly scaled by a negative factor) and its clip bound (``|ratio| = |direction| / bound``),
     for diagnostics.
     """
-    if scale < _G_MIN_SCALE:  # rho = 0 or tiny: the unscaled form (the denominator is ~eps)
-        p.mul_(1 - lr * wd)
-        exp_avg.lerp_(grad, 1 - beta1)
-        denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS).clamp_(min=SOPHIA_G_EPS)
-        ratio = torch.div(exp_avg, denom, out=scratch.get(1, p)).clamp_(-1, 1)
-        p.add_(ratio, alpha=-lr)
-        return ratio, 1.0
-    k = lerp_factor(lr, wd, 1 / scale, scale, p, exp_avg)
+    k = None if scale < _G_MIN_SCALE else lerp_factor(lr, wd, 1 / scale, scale, p, exp_avg)
     if k is None:
         p.mul_(1 - lr * wd)
     exp_avg.lerp_(grad, 1 - beta1)
+    if scale < _G_MIN_SCALE:  # rho = 0 or tiny: the unscaled form (the denominator is ~eps)
+        denom = torch.mul(hess, scale, out=scratch.get(0, p)).add_(SOPHIA_G_EPS).clamp_(min=SOPHIA_G_EPS)
+        ratio = torch.div(exp_avg, denom, out=denom).clamp_(-1, 1)
+        p.add_(ratio, alpha=-lr)
+        return ratio, 1.0
     floor = SOPHIA_G_EPS / scale
     # One scratch buffer: the denominator is overwritten by the direction (elementwise, same index).
     denom = torch.add(hess, floor, out=scratch.get(0, p))
