@@ -586,6 +586,6 @@ def hyper_tensor(rows: list[list[float]], like: torch.Tensor, cache: dict | None
 def step_counter_on(state: dict, p: torch.Tensor) -> torch.Tensor:
     """``state["step"]``, moved once to ``p``'s device (compiled kernels count there: no host sync)."""
     step_t = state["step"]
-    if step_t.device != p.device:
+    if not (step_t.is_cpu and p.is_cpu) and step_t.device != p.device:  # is_cpu: the cheap common check
         step_t = state["step"] = step_t.to(p.device)
     return step_t

@@ -113,7 +113,7 @@ class FlatSophia(SophiaH):
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = super()._init_state(p, group)
-        if self._masking and "mask" not in state:
+        if "mask" not in state and self._masking:
             state["mask"] = torch.ones_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
         return state
 

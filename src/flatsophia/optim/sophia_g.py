@@ -285,7 +285,7 @@ class SophiaG(Optimizer):
         if not params:
             return True
         dtype = scalar_dtype(params[0])
-        if any(scalar_dtype(p) != dtype for p in params):
+        if len({p.dtype for p in params}) > 1 and any(scalar_dtype(p) != dtype for p in params):
             return False
         return SOPHIA_G_COMPILED(
             params,

@@ -354,7 +354,7 @@ class SophiaH(Optimizer):
         if not params:
             return True
         dtype = scalar_dtype(params[0])
-        if any(scalar_dtype(p) != dtype for p in params):
+        if len({p.dtype for p in params}) > 1 and any(scalar_dtype(p) != dtype for p in params):
             return False
         return SOPHIA_H_COMPILED(
             params,
