@@ -563,6 +563,12 @@ def scalar_dtype(like: torch.Tensor) -> torch.dtype:
     return torch.float64 if like.dtype == torch.float64 else torch.float32
 
 
+def one_scalar_dtype(params: list[torch.Tensor]) -> bool:
+    """Whether all ``params`` share one :func:`scalar_dtype` (one hyperparameter tensor serves them all)."""
+    dtypes = {p.dtype for p in params}  # a set first: one Python call per distinct dtype, not per tensor
+    return len({torch.float64 if d == torch.float64 else torch.float32 for d in dtypes}) <= 1
+
+
 def hyper_tensor(rows: list[list[float]], like: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
     """Per-group hyperparameters as one ``(groups, k)`` tensor on ``like``'s device.
 

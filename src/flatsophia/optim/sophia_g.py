@@ -35,7 +35,7 @@ from ._kernels import (
     foreach_split,
     hyper_tensor,
     increment_steps,
-    scalar_dtype,
+    one_scalar_dtype,
     sophia_g_eager,
     sophia_g_foreach,
     step_counter_on,
@@ -97,7 +97,8 @@ class SophiaG(Optimizer):
         * The eager step computes the same update in fewer passes over memory (momentum by
           ``lerp``, the division by ``rho * bs`` moved out of the per-element work), so it agrees
           with the reference up to rounding, not bit for bit: over 80 steps of the parity test,
-          max parameter difference ~2e-7 in float32 and ~3e-16 in float64.
+          max parameter difference ~1e-6 in float32 (both sides' rounding; ours drifts 3x less
+          than the reference from a float64 run) and ~3e-16 in float64.
     """
 
     is_second_order = True
@@ -284,8 +285,7 @@ class SophiaG(Optimizer):
                 hp.append([group["lr"], group["weight_decay"], group["rho"] * (bs if bs is not None else group["bs"])])
         if not params:
             return True
-        dtype = scalar_dtype(params[0])
-        if len({p.dtype for p in params}) > 1 and any(scalar_dtype(p) != dtype for p in params):
+        if not one_scalar_dtype(params):
             return False
         return SOPHIA_G_COMPILED(
             params,

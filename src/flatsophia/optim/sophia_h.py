@@ -35,7 +35,7 @@ from ._kernels import (
     foreach_split,
     hyper_tensor,
     increment_steps,
-    scalar_dtype,
+    one_scalar_dtype,
     sophia_h_eager,
     sophia_h_foreach,
     step_counter_on,
@@ -353,8 +353,7 @@ class SophiaH(Optimizer):
                 hp.append([group["lr"], group["weight_decay"]])
         if not params:
             return True
-        dtype = scalar_dtype(params[0])
-        if len({p.dtype for p in params}) > 1 and any(scalar_dtype(p) != dtype for p in params):
+        if not one_scalar_dtype(params):
             return False
         return SOPHIA_H_COMPILED(
             params,
