@@ -1225,13 +1225,55 @@ def paired_ratio(row, base) -> float | None:
     machine (another tenant, clocks) hits both sides of each round's ratio alike; this is less
     sensitive to it than the ratio of the overall medians. ``None`` without common rounds.
     """
-    if not row or not base:
-        return None
-    a, b = row.get("round_medians_ms"), base.get("round_medians_ms")
-    if not a or not b:
-        return None
-    ratios = [x / y for x, y in zip(a, b) if x is not None and y is not None and y > 0]
+    ratios = _round_ratios(row, base)
     return statistics.median(ratios) if ratios else None
+
+
+def _round_ratios(row, base) -> list[float]:
+    a, b = (row or {}).get("round_medians_ms"), (base or {}).get("round_medians_ms")
+    if not a or not b:
+        return []
+    return [x / y for x, y in zip(a, b) if x is not None and y is not None and y > 0]
+
+
+def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float] | None:
+    """Distribution-free confidence interval of the median: ``(lo, hi, coverage)``.
+
+    With the values sorted, ``[v[j], v[n-1-j]]`` covers the population median with probability
+    ``1 - 2 * P(Binomial(n, 1/2) <= j)``; ``j`` is the largest rank for which that is at least
+    ``level`` (the coverage returned is that exact probability, >= ``level``). ``None`` when even
+    ``[min, max]`` falls short of ``level`` (fewer than 6 values at 95 %).
+    """
+    n = len(values)
+    if n == 0:
+        return None
+    v = sorted(values)
+    tail, j = 0.0, -1  # tail = P(B <= j)
+    while True:
+        nxt = tail + math.comb(n, j + 1) / 2**n
+        if 1 - 2 * nxt < level:
+            break
+        tail, j = nxt, j + 1
+    if j < 0:
+        return None
+    return v[j], v[n - 1 - j], 1 - 2 * tail
+
+
+def paired_ratio_ci(row, base, level: float = 0.95) -> tuple[float, float, float] | None:
+    """:func:`median_ci` of the per-round ratios behind :func:`paired_ratio`."""
+    return median_ci(_round_ratios(row, base), level)
+
+
+def verdict(ci: tuple[float, float, float] | None, value: float | None, threshold: float) -> str:
+    """``met`` / ``missed`` when the paired ratio's confidence interval lies wholly on one side of
+    ``threshold``; ``within noise`` when it straddles it (or, without an interval, the point value
+    decides: ``met (point)`` / ``missed (point)``)."""
+    if ci is not None:
+        lo, hi, _ = ci
+        return "met" if hi <= threshold else "missed" if lo > threshold else "within noise"
+    if value is None:
+        return "not measured"
+    return "met (point)" if value <= threshold else "missed (point)"
 
 
 def add_ratios(res) -> None:
@@ -1254,20 +1296,26 @@ def add_ratios(res) -> None:
                 row["ratio_vs_fused_adamw"] = _ratio(_med(row), base_it)
 
 
-def _paired_note(paired: float | None) -> str:
-    return "" if paired is None else f"; paired by round: {paired:.3f}"
-
-
 def evaluate_targets(res) -> list[dict]:
     out = []
 
-    def add(name, value, op, threshold, detail, skip_reason=None):
+    def add(name, value, op, threshold, detail, skip_reason=None, pair=None):
+        """``pair=(row, base)``: the rows whose per-round ratios give the paired ratio and its interval."""
         if value is None:
             out.append(dict(name=name, value=None, op=op, threshold=threshold, passed=None,
-                            detail=skip_reason or "not measured"))
+                            detail=skip_reason or "not measured", paired=None, ci=None, verdict="not measured"))
             return
         ok = value <= threshold + 1e-9 if op == "<=" else abs(value - threshold) < 1e-9
-        out.append(dict(name=name, value=value, op=op, threshold=threshold, passed=bool(ok), detail=detail))
+        paired = ci = None
+        if pair is not None:
+            paired, ci = paired_ratio(*pair), paired_ratio_ci(*pair)
+            v = verdict(ci, paired if paired is not None else value, threshold)
+        elif op == "==" or "state bytes" in name:  # exact quantities: no noise
+            v = "met" if ok else "missed"
+        else:
+            v = verdict(None, value, threshold)
+        out.append(dict(name=name, value=value, op=op, threshold=threshold, passed=bool(ok), detail=detail,
+                        paired=paired, ci=None if ci is None else list(ci), verdict=v))
 
     step = res.get("step", {})
     if step:
@@ -1279,12 +1327,10 @@ def evaluate_targets(res) -> list[dict]:
             e = _med(step[n].get("eager"))
             paths = [(_med(r), PATH_NAMES.get(p, p), p) for p, r in step[n].items() if _med(r) is not None]
             best = min(paths) if paths else (None, None, None)
-            paired = paired_ratio(step[n].get(best[2]), step.get("adamw_fused", {}).get("eager"))
             add(f"{n} step, fastest path <= 1.00x fused AdamW", _ratio(best[0], fused), "<=", 1.0,
-                f"fastest = {best[1]}{_paired_note(paired)}")
-            paired = paired_ratio(step[n].get("eager"), step.get("sophia_opt", {}).get("eager"))
+                f"fastest = {best[1]}", pair=(step[n].get(best[2]), step.get("adamw_fused", {}).get("eager")))
             add(f"{n} step, eager <= 0.75x authors' SophiaG", _ratio(e, authors), "<=", 0.75,
-                f"eager vs eager{_paired_note(paired)}")
+                "eager vs eager", pair=(step[n].get("eager"), step.get("sophia_opt", {}).get("eager")))
         if "soap" in step or "po_soap" in step:
             ours = _med(step.get("soap", {}).get("eager"))
             theirs = _med(step.get("po_soap", {}).get("eager"))
@@ -1307,9 +1353,9 @@ def evaluate_targets(res) -> list[dict]:
                         (n + "+graphs+fused", "compile='reduce-overhead' step, fused refresh"))
                 paths = [(_med(it[key]), path, key) for key, path in keys if _med(it.get(key)) is not None]
                 best = min(paths) if paths else (None, None, None)
-                paired = paired_ratio(it.get(best[2]), it.get("adamw_fused"))
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
-                    "<=", thr, f"vs fused AdamW iteration; fastest = {best[1]}{_paired_note(paired)}")
+                    "<=", thr, f"vs fused AdamW iteration; fastest = {best[1]}",
+                    pair=(it.get(best[2]), it.get("adamw_fused")))
     rf = res.get("refresh", {})
     if "flat_sophia" in rf and "sophia_h" in rf:
         add("FlatSophia refresh <= 1.10x SophiaH refresh", _ratio(_med(rf["flat_sophia"]), _med(rf["sophia_h"])),
@@ -1416,11 +1462,19 @@ def markdown(res) -> str:
                       f"{fl['floor_vs_theirs']:.3f} (a matmul-bound step cannot be faster than this ratio)."]
     tg = res.get("targets", [])
     if tg:
-        lines += ["", "| target | measured | result |", "|---|---:|---|"]
+        lines += ["", "`measured`: ratio of the medians (PASS/FAIL against the line); `paired [CI]`: median of the "
+                  "per-round ratios with its distribution-free confidence interval (coverage in %, order statistics); "
+                  "`verdict`: `met` / `missed` when that interval lies wholly on one side of the line, `within noise` "
+                  "when it straddles it, `(point)` where there is no interval.", "",
+                  "| target | measured | result | paired [CI] | verdict | detail |", "|---|---:|---|---|---|---|"]
         for t in tg:
             res_s = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "FAIL")
             val = "-" if t["value"] is None else f"{t['value']:.3f}"
-            lines.append(f"| {t['name']} | {val} | {res_s} ({t['detail']}) |")
+            paired = "-" if t.get("paired") is None else f"{t['paired']:.3f}"
+            if t.get("ci"):
+                lo, hi, cov = t["ci"]
+                paired += f" [{lo:.3f}, {hi:.3f}] ({100 * cov:.0f} %)"
+            lines.append(f"| {t['name']} | {val} | {res_s} | {paired} | {t.get('verdict', '-')} | {t['detail']} |")
     return "\n".join(lines)
 
 

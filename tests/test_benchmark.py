@@ -90,6 +90,50 @@ def test_paired_ratio_pairs_rounds_and_skips_missing_ones():
     assert bench.paired_ratio({"round_medians_ms": [None]}, {"round_medians_ms": [1.0]}) is None
 
 
+def test_median_ci_ranks_and_coverage():
+    bench = _load()
+    assert bench.median_ci([1.0] * 5) is None  # [min, max] covers only 1 - 2/32 < 95 %
+    lo, hi, cov = bench.median_ci([5.0, 1.0, 4.0, 2.0, 6.0, 3.0])
+    assert (lo, hi) == (1.0, 6.0) and cov == pytest.approx(1 - 2 / 64)
+    lo, hi, cov = bench.median_ci([float(i) for i in range(15, 0, -1)])
+    # P(Bin(15, 1/2) <= 3) = 576 / 32768: ranks 4 and 12 of 15
+    assert (lo, hi) == (4.0, 12.0) and cov == pytest.approx(1 - 2 * 576 / 32768)
+    # The stated coverage holds: intervals from skewed samples contain the true median that often.
+    import random
+
+    rng = random.Random(0)
+    for n in (8, 15, 30):
+        hits, trials = 0, 3000
+        for _ in range(trials):
+            lo, hi, cov = bench.median_ci([rng.expovariate(1.0) for _ in range(n)])
+            hits += lo <= math.log(2) <= hi
+        assert abs(hits / trials - cov) < 0.02, (n, hits / trials, cov)
+
+
+def test_verdict_uses_the_interval():
+    bench = _load()
+    assert bench.verdict((0.9, 0.99, 0.96), 0.95, 1.0) == "met"
+    assert bench.verdict((1.01, 1.2, 0.96), 1.1, 1.0) == "missed"
+    assert bench.verdict((0.95, 1.05, 0.96), 0.97, 1.0) == "within noise"
+    assert bench.verdict(None, 0.97, 1.0) == "met (point)"
+    assert bench.verdict(None, 1.03, 1.0) == "missed (point)"
+    # Targets built from rounds: a candidate 0.9-1.1x the baseline round by round straddles 1.00.
+    base = {"status": "ok", "median_ms": 1.0, "round_medians_ms": [1.0] * 8}
+    near = {"status": "ok", "median_ms": 0.98, "round_medians_ms": [0.9, 1.1, 0.95, 1.05, 0.97, 1.02, 0.99, 1.01]}
+    fast = {"status": "ok", "median_ms": 0.8, "round_medians_ms": [0.8, 0.82, 0.79, 0.81, 0.8, 0.83, 0.78, 0.8]}
+    res = {"step": {"adamw_fused": {"eager": base}, "sophia_g": {"eager": near}, "sophia_h": {"eager": fast}}}
+    by_name = {t["name"]: t for t in bench.evaluate_targets(res)}
+    g = by_name["sophia_g step, fastest path <= 1.00x fused AdamW"]
+    assert g["passed"] is True and g["verdict"] == "within noise"
+    assert g["ci"][0] == 0.9 and g["ci"][1] == 1.1  # 8 rounds: [min, max] (99.2 %)
+    h = by_name["sophia_h step, fastest path <= 1.00x fused AdamW"]
+    assert h["verdict"] == "met" and h["paired"] == pytest.approx(0.8)
+    assert "| within noise |" in bench.markdown({"meta": _META, "targets": list(by_name.values())})
+
+
+_META = dict(model_desc="m", n_params=1, n_tensors=1, torch="t", threads=1, cpu="c", rounds=8)
+
+
 def test_refresh_iteration_hvp_rows(smoke):
     _, res, _ = smoke
     for name in ("sophia_g", "sophia_h", "flat_sophia"):
@@ -138,6 +182,9 @@ def test_memory_and_targets(smoke):
         if t["value"] is not None:
             assert math.isfinite(t["value"]) and t["value"] > 0
             assert t["passed"] in (True, False)
+            assert t["verdict"] in ("met", "missed", "within noise", "met (point)", "missed (point)"), t
+    # --smoke has two rounds: too few for an interval, so no target claims one
+    assert all(t["ci"] is None for t in res["targets"])
 
 
 def test_markdown_and_json_match(smoke):
