@@ -297,13 +297,15 @@ SOPHIA_FAMILY = ("sophia_g", "sophia_h", "flat_sophia")
 #: how the step variants are shown: ``compiled`` = torch.compile of the step function from the
 #: outside; ``builtin`` = the optimizer's own ``compile=True`` (fused, compiled kernels); ``loop`` =
 #: our eager step with ``foreach=False`` (on CUDA only, where the default eager step is multi-tensor);
-#: ``graphs`` = ``compile="reduce-overhead"`` (compiled step replayed as a CUDA graph; CUDA only)
+#: ``graphs`` = ``compile="reduce-overhead"`` (compiled step replayed as a CUDA graph; CUDA only);
+#: ``cpp`` = ``fused=True`` (our C++ step kernel; CPU only)
 PATH_NAMES = {
     "eager": "eager",
     "loop": "eager, foreach=False",
     "compiled": "torch.compile(step)",
     "builtin": "compile=True",
     "graphs": "compile='reduce-overhead'",
+    "cpp": "fused=True",
 }
 EAGER_PATHS = ("eager", "loop")
 
@@ -337,13 +339,26 @@ def builtin_compile_failures() -> list[str]:
     return out
 
 
+def fused_failures(opt) -> str:
+    """Why ``opt`` (``fused=True``) did not take its C++ step, or ``""``."""
+    from flatsophia.optim import _fused
+
+    reasons = [_fused.failure()] + sorted(getattr(getattr(opt, "_fused", None), "_warned", ()))
+    return "; ".join(r for r in reasons if r)
+
+
 def make_optimizer(name: str, model: nn.Module, builtin_compile: bool | str = False, foreach: bool | None = None):
     """The optimizer ``name`` over ``model``'s parameter groups, or raises ``_Unavailable``.
 
-    ``builtin_compile`` is passed as ``compile`` (our optimizers' own fused kernels) when set;
-    ``foreach`` is passed to our Sophia-family optimizers when it is not ``None``."""
+    ``builtin_compile`` is passed as ``compile`` (our optimizers' own fused kernels) when set, except
+    ``"cpp"``, which asks for ``fused=True`` (the C++ step); ``foreach`` is passed to our
+    Sophia-family optimizers when it is not ``None``."""
     groups = param_groups(model)
     kw = {"compile": builtin_compile} if builtin_compile else {}
+    if builtin_compile == "cpp":
+        if name not in SOPHIA_FAMILY:
+            raise _Unavailable("fused=True is a Sophia-family option")
+        kw = {"fused": True}
     if foreach is not None and name in SOPHIA_FAMILY:
         kw["foreach"] = foreach
     if name == "adamw_fused":
@@ -764,6 +779,7 @@ class Bench:
                 cuda_sophia = self.device.type == "cuda" and name in SOPHIA_FAMILY
                 variants = ["eager"] + (["loop"] if cuda_sophia else []) + ["compiled"]
                 variants += (["builtin"] if has_builtin_compile(name) else []) + (["graphs"] if cuda_sophia else [])
+                variants += ["cpp"] if self.device.type == "cpu" and name in SOPHIA_FAMILY else []
                 variants = [v for v in variants if v in a.paths]
                 for variant in variants:
                     row = dict(label=OPTIMIZERS[name][0], variant=variant, status="ok", note="", compile_s=None)
@@ -774,14 +790,24 @@ class Bench:
                         row.update(status="skipped", note="compile off (--no-compile / --smoke)")
                         continue
                     try:
-                        builtin = {"builtin": True, "graphs": "reduce-overhead"}.get(variant, False)
+                        builtin = {"builtin": True, "graphs": "reduce-overhead", "cpp": "cpp"}.get(variant, False)
                         model, opt, fn = self.fresh(
                             name, builtin_compile=builtin, foreach=False if variant == "loop" else None
                         )
                     except _Unavailable as e:
                         row.update(status="skipped", note=str(e))
                         continue
-                    if variant in ("builtin", "graphs"):
+                    if variant == "cpp":  # the first step builds (or loads the cached) extension
+                        t0 = time.perf_counter()
+                        fn()
+                        row["compile_s"] = round(time.perf_counter() - t0, 2)
+                        for _ in range(3):
+                            fn()
+                        why = fused_failures(opt)
+                        if why:
+                            row["note"] = _join(row["note"], "fell back: " + why[:200])
+                        self.log(f"  {name}: fused=True first step {row['compile_s']} s")
+                    elif variant in ("builtin", "graphs"):
                         f0 = set(builtin_compile_failures())
                         t0 = time.perf_counter()
                         with warnings.catch_warnings():
@@ -1029,10 +1055,12 @@ class Bench:
             entries += [(n, True, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY and has_builtin_compile(n)]
             if self.device.type == "cuda" and "graphs" in a.paths:
                 entries += [(n, "reduce-overhead", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
+            if self.device.type == "cpu" and "cpp" in a.paths:
+                entries += [(n, "cpp", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
         for name, builtin, fused in entries:
-            suffix = {True: "+compile", "reduce-overhead": "+graphs"}.get(builtin, "")
+            suffix = {True: "+compile", "reduce-overhead": "+graphs", "cpp": "+cpp"}.get(builtin, "")
             key = name + suffix + ("+fused" if fused else "")
-            path = {True: "builtin", "reduce-overhead": "graphs"}.get(builtin, "eager")
+            path = {True: "builtin", "reduce-overhead": "graphs", "cpp": "cpp"}.get(builtin, "eager")
             row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k,
                        step_path=PATH_NAMES[path], refresh="fused" if fused else "separate")
             rows[key] = row
@@ -1350,7 +1378,8 @@ def evaluate_targets(res) -> list[dict]:
                 keys = ((n, "eager step, separate refresh"), (n + "+fused", "eager step, fused refresh"),
                         (n + "+compile", "compile=True step, separate refresh"),
                         (n + "+compile+fused", "compile=True step, fused refresh"),
-                        (n + "+graphs+fused", "compile='reduce-overhead' step, fused refresh"))
+                        (n + "+graphs+fused", "compile='reduce-overhead' step, fused refresh"),
+                        (n + "+cpp+fused", "fused=True step, fused refresh"))
                 paths = [(_med(it[key]), path, key) for key, path in keys if _med(it.get(key)) is not None]
                 best = min(paths) if paths else (None, None, None)
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),

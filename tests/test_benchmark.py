@@ -54,7 +54,8 @@ def test_step_rows_for_every_optimizer(smoke):
     assert set(bench.OPTIMIZERS) <= set(step)
     for name, variants in step.items():
         # eager, torch.compile of the step function, and (ours, where offered) compile=True
-        assert {"eager", "compiled"} <= set(variants) <= {"eager", "compiled", "builtin"}
+        # (cpp: fused=True, our C++ step, CPU only)
+        assert {"eager", "compiled"} <= set(variants) <= {"eager", "compiled", "builtin", "cpp"}
         eager = variants["eager"]
         if name in OURS_AND_BASELINES:
             assert eager["status"] == "ok", (name, eager)

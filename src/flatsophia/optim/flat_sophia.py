@@ -74,6 +74,7 @@ class FlatSophia(SophiaH):
         mask_seed: int = 0,
         mu_dtype: torch.dtype | str | None = None,
         compile: bool | str = False,
+        fused: bool = False,
         foreach: bool | None = None,
     ):
         check_nonneg("sharp_fraction", sharp_fraction)
@@ -100,6 +101,7 @@ class FlatSophia(SophiaH):
             clip_threshold=clip_threshold,
             mu_dtype=mu_dtype,
             compile=compile,
+            fused=fused,
             foreach=foreach,
         )
         # Optimizer-wide settings: the mask's threshold is global across all groups.

@@ -25,8 +25,10 @@ from ._common import (
     hessian_params,
     params_with_grad,
 )
+from ._fused import FusedStep, check_fused
 from ._kernels import (
     SOPHIA_G_COMPILED,
+    SOPHIA_G_EPS,
     NonnegRecord,
     Scratch,
     by_device_and_dtype,
@@ -79,6 +81,12 @@ class SophiaG(Optimizer):
             graph on GPU (the fastest GPU step; one extra gradient-sized buffer; same as ``True``
             on CPU). Falls back to the eager step, logging why, where compilation fails. The
             compiled arithmetic may differ from the eager one in the last bits (fused multiply-add).
+        fused: ``True`` runs the step on CPU as one call of a C++ kernel over all groups (one pass
+            over memory; the extension is compiled on first use, ~25 s, and cached). Takes
+            precedence over ``compile`` where it applies: CPU float32/float64 parameters whose
+            gradient and state share their dtype and layout, steps without ``collect_stats``;
+            elsewhere (CUDA, no C++ compiler) the ``compile`` or eager step runs, logging why once.
+            Same arithmetic as ``compile=True``.
         foreach: ``True``: eager step with multi-tensor ops (one kernel launch per operation for
             all tensors of a device and dtype); ``False``: a loop over tensors. ``None`` (default):
             multi-tensor when all parameters are on CUDA, as in ``torch.optim``; on CPU,
@@ -115,6 +123,7 @@ class SophiaG(Optimizer):
         bs: int = 5120,
         maximize: bool = False,
         compile: bool | str = False,
+        fused: bool = False,
         foreach: bool | None = None,
     ):
         check_nonneg("learning rate", lr)
@@ -133,6 +142,8 @@ class SophiaG(Optimizer):
         # the denominator's clamp, an identity then.
         self._nonneg = NonnegRecord()
         self.compile = check_compile(compile)
+        self.fused = check_fused(fused)
+        self._fused = FusedStep()
         self.foreach = foreach
 
     def __setstate__(self, state):
@@ -145,6 +156,8 @@ class SophiaG(Optimizer):
         self.__dict__.setdefault("_hp_cache", {})
         self.__dict__.setdefault("_nonneg", NonnegRecord())
         self.__dict__.setdefault("compile", False)
+        self.__dict__.setdefault("fused", False)
+        self.__dict__.setdefault("_fused", FusedStep())
         self.__dict__.setdefault("foreach", None)
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -217,6 +230,8 @@ class SophiaG(Optimizer):
                 loss = closure()
         if bs is not None:
             check_positive("bs", bs)
+        if self.fused and not collect_stats and self._fused_step(bs):
+            return loss
         if self.compile and not collect_stats and self._compiled_step(bs):
             return loss
         n_kept = n_total = sq_sum = None
@@ -265,6 +280,28 @@ class SophiaG(Optimizer):
                 ps, gs, ms, hs, lr=group["lr"], wd=group["weight_decay"], beta1=group["betas"][0], scale=scale,
                 hess_nonneg=nonneg,
             )
+
+    def _fused_step(self, bs: float | None) -> bool:
+        """All groups' updates in one call of the C++ kernel; ``False`` (nothing changed) if it cannot be used."""
+        params, grads, exp_avgs, hessians, steps, group_of, rows = [], [], [], [], [], [], []
+        for group in self.param_groups:
+            n = len(params)
+            for p, grad in params_with_grad(group, "SophiaG"):
+                state = self._init_state(p)
+                params.append(p)
+                grads.append(grad)
+                exp_avgs.append(state["exp_avg"])
+                hessians.append(state["hessian"])
+                steps.append(state["step"])
+            if len(params) > n:
+                group_of.extend([len(rows)] * (len(params) - n))
+                scale = group["rho"] * (bs if bs is not None else group["bs"])
+                rows.append([float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
+                             float(scale), -1.0 if group["maximize"] else 1.0])
+        if not params:
+            return True
+        return self._fused.run("sophia_g_step", params, grads, exp_avgs, hessians, steps, group_of, rows,
+                               SOPHIA_G_EPS)
 
     def _compiled_step(self, bs: float | None) -> bool:
         """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""

@@ -26,6 +26,7 @@ from ._common import (
     hessian_params,
     params_with_grad,
 )
+from ._fused import FusedStep, check_fused
 from ._kernels import (
     SOPHIA_H_COMPILED,
     Scratch,
@@ -79,6 +80,12 @@ class SophiaH(Optimizer):
             CUDA graph on GPU (the fastest GPU step; one extra gradient-sized buffer; same as
             ``True`` on CPU). Falls back to the eager step, logging why, where compilation fails.
             The compiled arithmetic may differ from the eager one in the last bits.
+        fused: ``True`` runs the step on CPU as one call of a C++ kernel over all groups (one pass
+            over memory, one parallel region; the extension is compiled on first use, ~25 s, and
+            cached). Takes precedence over ``compile`` where it applies: CPU float32/float64
+            parameters whose gradient and state share their dtype and layout, steps without
+            ``collect_stats``; elsewhere (CUDA, ``mu_dtype``, no C++ compiler) the ``compile`` or
+            eager step runs, logging why once. Same arithmetic as ``compile=True``.
         foreach: ``True``: eager step with multi-tensor ops (one kernel launch per operation for
             all tensors of a device and dtype); ``False``: a loop over tensors. ``None`` (default):
             multi-tensor when all parameters are on CUDA, as in ``torch.optim``; on CPU,
@@ -108,6 +115,7 @@ class SophiaH(Optimizer):
         *,
         mu_dtype: torch.dtype | str | None = None,
         compile: bool | str = False,
+        fused: bool = False,
         foreach: bool | None = None,
         **extra_defaults,
     ):
@@ -139,6 +147,8 @@ class SophiaH(Optimizer):
         self._scratch = Scratch()
         self._hp_cache: dict = {}
         self.compile = check_compile(compile)
+        self.fused = check_fused(fused)
+        self._fused = FusedStep()
         self.foreach = foreach
 
     def __setstate__(self, state):
@@ -147,6 +157,8 @@ class SophiaH(Optimizer):
         self.__dict__.setdefault("_scratch", Scratch())
         self.__dict__.setdefault("_hp_cache", {})
         self.__dict__.setdefault("compile", False)
+        self.__dict__.setdefault("fused", False)
+        self.__dict__.setdefault("_fused", FusedStep())
         self.__dict__.setdefault("foreach", None)
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -248,6 +260,8 @@ class SophiaH(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.fused and not collect_stats and self._fused_step():
+            return loss
         if self.compile and not collect_stats and self._compiled_step():
             return loss
         n_kept = sq_sum = None
@@ -327,6 +341,31 @@ class SophiaH(Optimizer):
     def _mask_damp(self) -> int | None:
         """FlatSophia's dampening factor when its mask is in use (``None`` here: no mask)."""
         return None
+
+    def _fused_step(self) -> bool:
+        """All groups' updates in one call of the C++ kernel; ``False`` (nothing changed) if it cannot be used."""
+        masking = self._mask_damp() is not None
+        params, grads, exp_avgs, hessians, masks, steps, group_of, rows = [], [], [], [], [], [], [], []
+        for group in self.param_groups:
+            n = len(params)
+            for p, grad in params_with_grad(group, type(self).__name__):
+                state = self._init_state(p, group)
+                params.append(p)
+                grads.append(grad)
+                exp_avgs.append(state["exp_avg"])
+                hessians.append(state["hessian"])
+                steps.append(state["step"])
+                if masking:
+                    masks.append(state["mask"])
+            if len(params) > n:
+                group_of.extend([len(rows)] * (len(params) - n))
+                clip = group["clip_threshold"]
+                rows.append([float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
+                             float(group["gamma"]), float(group["eps"]), 0.0 if clip is None else float(clip),
+                             float(clip is not None)])
+        if not params:
+            return True
+        return self._fused.run("sophia_h_step", params, grads, exp_avgs, hessians, masks, steps, group_of, rows)
 
     def _compiled_step(self) -> bool:
         """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""
