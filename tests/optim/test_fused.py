@@ -67,6 +67,16 @@ def test_fused_matches_eager_float64(cls):
         assert any((s["mask"] != 1).any() for s in opt.state.values())
 
 
+def test_fused_sophia_g_maximize_and_bs():
+    """SophiaG's per-group sign (maximize) and clip scale (rho * bs, also from ``step(bs=...)``)."""
+    fused, opt = _run(SophiaG, fused=True, maximize=True, bs=64)
+    eager, _ = _run(SophiaG, fused=False, maximize=True, bs=64)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    minimized, _ = _run(SophiaG, fused=True, bs=64)
+    assert not torch.allclose(fused[0], minimized[0])  # the sign reached the kernel
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_fused_float32_drifts_like_eager_float32(cls):
     """In float32 the fused step strays from the float64 trajectory no more than the eager step does
