@@ -8,6 +8,7 @@
 // returns the reason, changing nothing, if one does not fit; the kernels then index raw storage.
 // Mutated tensors get their autograd version bumped, as an in-place torch op would.
 #include <torch/extension.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -61,8 +62,11 @@ std::string check(const std::vector<at::Tensor>& params, const std::vector<at::T
   return "";
 }
 
-void bump(const std::vector<at::Tensor>& ts) {
-  for (const auto& t : ts) torch::autograd::impl::bump_version(t);
+// What an in-place torch op would do to the tensors the step wrote: bump their autograd versions.
+void bump_mutated(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& exp_avgs,
+                  const std::vector<at::Tensor>& steps) {
+  for (const auto* ts : {&params, &exp_avgs, &steps})
+    for (const auto& t : *ts) torch::autograd::impl::bump_version(t);
 }
 
 std::vector<Item> plan(const std::vector<at::Tensor>& params) {
@@ -157,14 +161,10 @@ std::string sophia_h_step(const std::vector<at::Tensor>& params, const std::vect
                           group_of, group_rows.size());
   if (!why.empty()) return why;
   const auto groups = h_groups(group_rows);
-  if (params[0].scalar_type() == at::kDouble) {
-    sophia_h_impl<double>(params, grads, exp_avgs, hessians, masks, steps, group_of, groups);
-  } else {
-    sophia_h_impl<float>(params, grads, exp_avgs, hessians, masks, steps, group_of, groups);
-  }
-  bump(params);
-  bump(exp_avgs);
-  bump(steps);
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "sophia_h_step", [&] {
+    sophia_h_impl<scalar_t>(params, grads, exp_avgs, hessians, masks, steps, group_of, groups);
+  });
+  bump_mutated(params, exp_avgs, steps);
   return "";
 }
 
@@ -222,14 +222,10 @@ std::string sophia_g_step(const std::vector<at::Tensor>& params, const std::vect
   }
   std::string why = check(params, grads, exp_avgs, hessians, nullptr, steps, group_of, groups.size());
   if (!why.empty()) return why;
-  if (params[0].scalar_type() == at::kDouble) {
-    sophia_g_impl<double>(params, grads, exp_avgs, hessians, steps, group_of, groups, eps);
-  } else {
-    sophia_g_impl<float>(params, grads, exp_avgs, hessians, steps, group_of, groups, eps);
-  }
-  bump(params);
-  bump(exp_avgs);
-  bump(steps);
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "sophia_g_step", [&] {
+    sophia_g_impl<scalar_t>(params, grads, exp_avgs, hessians, steps, group_of, groups, eps);
+  });
+  bump_mutated(params, exp_avgs, steps);
   return "";
 }
 
