@@ -35,13 +35,6 @@ _ISA_FLAGS = {
 _state: dict = {}
 
 
-def capability() -> str:
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old torch
-        return "DEFAULT"
-
-
 def extension():
     """The loaded extension module, building it on first use; ``None`` if it cannot be built
     (:func:`failure` says why)."""
@@ -49,7 +42,7 @@ def extension():
         return _state["module"]
     if "failure" in _state:
         return None
-    cap = capability()
+    cap = torch.backends.cpu.get_cpu_capability()
     try:
         from torch.utils.cpp_extension import load
 
