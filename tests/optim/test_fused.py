@@ -53,6 +53,20 @@ def _run(cls, fused: bool, dtype=torch.float64, steps: int = 10, layout="contigu
     return ps, opt
 
 
+def test_extension_runs_on_torchs_threads(extension):
+    """The kernels' at::parallel_for is serial unless the extension is built with OpenMP when torch
+    uses it (the fused step ran on one thread before this was checked)."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip("torch without OpenMP: at::parallel_for is its native pool")
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert extension.parallel_threads() == n
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("cls", CLASSES)
 def test_fused_matches_eager_float64(cls):
     fused, opt = _run(cls, fused=True)
