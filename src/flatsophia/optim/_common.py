@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -117,3 +118,37 @@ def params_with_grad(group: dict, optimizer_name: str) -> Iterator[tuple[torch.T
         if grad.is_sparse:
             raise RuntimeError(f"{optimizer_name} does not support sparse gradients")
         yield p, grad
+
+
+class Gathered(NamedTuple):
+    """The parameters with a gradient over all groups, for the single-call (fused / compiled) steps."""
+
+    groups: list[dict]  #: the groups with at least one such parameter, in order
+    counts: list[int]  #: how many of them each of those groups has
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    states: list[dict]  #: each parameter's state, initialised
+
+    def column(self, key: str) -> list[torch.Tensor]:
+        """``state[key]`` of every parameter, in order."""
+        return [s[key] for s in self.states]
+
+    def group_index(self) -> list[int]:
+        """Each parameter's index into :attr:`groups`."""
+        return [i for i, n in enumerate(self.counts) for _ in range(n)]
+
+
+def gather(param_groups: list[dict], init_state: Callable[[torch.Tensor, dict], dict], optimizer_name: str) -> Gathered:
+    """One pass over ``param_groups``: the parameters with a gradient, their gradients and their
+    states (``init_state(p, group)`` creates a missing one); a sparse gradient raises ``RuntimeError``."""
+    out = Gathered([], [], [], [], [])
+    for group in param_groups:
+        n = len(out.params)
+        for p, grad in params_with_grad(group, optimizer_name):
+            out.params.append(p)
+            out.grads.append(grad)
+            out.states.append(init_state(p, group))
+        if len(out.params) > n:
+            out.groups.append(group)
+            out.counts.append(len(out.params) - n)
+    return out

@@ -16,11 +16,13 @@ import torch
 from torch.optim import Optimizer
 
 from ._common import (
+    Gathered,
     all_finite,
     check_betas,
     check_estimates,
     check_nonneg,
     check_positive,
+    gather,
     hessian_ema_stats,
     hessian_params,
     params_with_grad,
@@ -281,49 +283,33 @@ class SophiaG(Optimizer):
                 hess_nonneg=nonneg,
             )
 
+    def _gather(self) -> Gathered:
+        return gather(self.param_groups, lambda p, group: self._init_state(p), "SophiaG")
+
     def _fused_step(self, bs: float | None) -> bool:
         """All groups' updates in one call of the C++ kernel; ``False`` (nothing changed) if it cannot be used."""
-        params, grads, exp_avgs, hessians, steps, group_of, rows = [], [], [], [], [], [], []
-        for group in self.param_groups:
-            n = len(params)
-            for p, grad in params_with_grad(group, "SophiaG"):
-                state = self._init_state(p)
-                params.append(p)
-                grads.append(grad)
-                exp_avgs.append(state["exp_avg"])
-                hessians.append(state["hessian"])
-                steps.append(state["step"])
-            if len(params) > n:
-                group_of.extend([len(rows)] * (len(params) - n))
-                scale = group["rho"] * (bs if bs is not None else group["bs"])
-                rows.append([float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
-                             float(scale), -1.0 if group["maximize"] else 1.0])
-        if not params:
+        g = self._gather()
+        if not g.params:
             return True
-        return self._fused.run("sophia_g_step", params, grads, exp_avgs, hessians, steps, group_of, rows,
-                               SOPHIA_G_EPS)
+        rows = [[float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
+                 float(group["rho"] * (bs if bs is not None else group["bs"])), -1.0 if group["maximize"] else 1.0]
+                for group in g.groups]
+        return self._fused.run("sophia_g_step", g.params, g.grads, g.column("exp_avg"), g.column("hessian"),
+                               g.column("step"), g.group_index(), rows, SOPHIA_G_EPS)
 
     def _compiled_step(self, bs: float | None) -> bool:
         """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""
-        params, grads, exp_avgs, hessians, steps, counts, beta1s, hp = [], [], [], [], [], [], [], []
-        for group in self.param_groups:
-            n = 0
-            for p, grad in params_with_grad(group, "SophiaG"):
-                state = self._init_state(p)
-                params.append(p)
-                grads.append(-grad if group["maximize"] else grad)
-                exp_avgs.append(state["exp_avg"])
-                hessians.append(state["hessian"])
-                steps.append(step_counter_on(state, p))
-                n += 1
-            if n:
-                counts.append(n)
-                beta1s.append(group["betas"][0])
-                hp.append([group["lr"], group["weight_decay"], group["rho"] * (bs if bs is not None else group["bs"])])
-        if not params:
+        g = self._gather()
+        if not g.params:
             return True
-        if not one_scalar_dtype(params):
+        if not one_scalar_dtype(g.params):
             return False
+        params, exp_avgs, hessians = g.params, g.column("exp_avg"), g.column("hessian")
+        maximize = [group["maximize"] for group, n in zip(g.groups, g.counts) for _ in range(n)]
+        grads = [-grad if neg else grad for grad, neg in zip(g.grads, maximize)]
+        steps = [step_counter_on(state, p) for state, p in zip(g.states, params)]
+        hp = [[group["lr"], group["weight_decay"], group["rho"] * (bs if bs is not None else group["bs"])]
+              for group in g.groups]
         return SOPHIA_G_COMPILED(
             params,
             grads,
@@ -331,8 +317,8 @@ class SophiaG(Optimizer):
             hessians,
             steps,
             hyper_tensor(hp, params[0], self._hp_cache),
-            tuple(counts),
-            tuple(beta1s),
+            tuple(g.counts),
+            tuple(group["betas"][0] for group in g.groups),
             mode=self.compile if isinstance(self.compile, str) else None,
             static=(params, exp_avgs, hessians, steps),
         )

@@ -22,6 +22,7 @@ from ._common import (
     check_estimates,
     check_nonneg,
     check_positive,
+    gather,
     hessian_ema_stats,
     hessian_params,
     params_with_grad,
@@ -344,65 +345,43 @@ class SophiaH(Optimizer):
 
     def _fused_step(self) -> bool:
         """All groups' updates in one call of the C++ kernel; ``False`` (nothing changed) if it cannot be used."""
-        masking = self._mask_damp() is not None
-        params, grads, exp_avgs, hessians, masks, steps, group_of, rows = [], [], [], [], [], [], [], []
-        for group in self.param_groups:
-            n = len(params)
-            for p, grad in params_with_grad(group, type(self).__name__):
-                state = self._init_state(p, group)
-                params.append(p)
-                grads.append(grad)
-                exp_avgs.append(state["exp_avg"])
-                hessians.append(state["hessian"])
-                steps.append(state["step"])
-                if masking:
-                    masks.append(state["mask"])
-            if len(params) > n:
-                group_of.extend([len(rows)] * (len(params) - n))
-                clip = group["clip_threshold"]
-                rows.append([float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
-                             float(group["gamma"]), float(group["eps"]), 0.0 if clip is None else float(clip),
-                             float(clip is not None)])
-        if not params:
+        g = gather(self.param_groups, self._init_state, type(self).__name__)
+        if not g.params:
             return True
-        return self._fused.run("sophia_h_step", params, grads, exp_avgs, hessians, masks, steps, group_of, rows)
+        rows = []
+        for group in g.groups:
+            clip = group["clip_threshold"]
+            rows.append([float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
+                         float(group["gamma"]), float(group["eps"]), 0.0 if clip is None else float(clip),
+                         float(clip is not None)])
+        masks = g.column("mask") if self._mask_damp() is not None else []
+        return self._fused.run("sophia_h_step", g.params, g.grads, g.column("exp_avg"), g.column("hessian"), masks,
+                               g.column("step"), g.group_index(), rows)
 
     def _compiled_step(self) -> bool:
         """All groups' updates in one compiled call; ``False`` (nothing changed) if it cannot be used."""
-        damp = self._mask_damp()
-        params, grads, exp_avgs, hessians, masks, steps, counts, consts, hp = [], [], [], [], [], [], [], [], []
-        for group in self.param_groups:
-            n = 0
-            for p, grad in params_with_grad(group, type(self).__name__):
-                state = self._init_state(p, group)
-                exp_avg = state["exp_avg"]
-                if exp_avg.dtype != p.dtype:  # a mu_dtype other than the parameter's: eager
-                    return False
-                params.append(p)
-                grads.append(grad)
-                exp_avgs.append(exp_avg)
-                hessians.append(state["hessian"])
-                steps.append(step_counter_on(state, p))
-                if damp is not None:
-                    masks.append(state["mask"])
-                n += 1
-            if n:
-                counts.append(n)
-                consts.append((group["betas"][0], group["gamma"], group["eps"], group["clip_threshold"], damp))
-                hp.append([group["lr"], group["weight_decay"]])
-        if not params:
+        g = gather(self.param_groups, self._init_state, type(self).__name__)
+        if not g.params:
             return True
-        if not one_scalar_dtype(params):
+        exp_avgs = g.column("exp_avg")
+        # A mu_dtype other than the parameters' (the kernel stores the momentum in their dtype): eager.
+        if any(m.dtype != p.dtype for m, p in zip(exp_avgs, g.params)) or not one_scalar_dtype(g.params):
             return False
+        damp = self._mask_damp()
+        params, hessians, masks = g.params, g.column("hessian"), g.column("mask") if damp is not None else []
+        steps = [step_counter_on(state, p) for state, p in zip(g.states, params)]
+        consts = [(group["betas"][0], group["gamma"], group["eps"], group["clip_threshold"], damp)
+                  for group in g.groups]
+        hp = [[group["lr"], group["weight_decay"]] for group in g.groups]
         return SOPHIA_H_COMPILED(
             params,
-            grads,
+            g.grads,
             exp_avgs,
             hessians,
             masks if damp is not None else None,
             steps,
             hyper_tensor(hp, params[0], self._hp_cache),
-            tuple(counts),
+            tuple(g.counts),
             tuple(consts),
             mode=self.compile if isinstance(self.compile, str) else None,
             static=(params, exp_avgs, hessians, masks, steps),
