@@ -15,7 +15,6 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace {
@@ -33,9 +32,9 @@ constexpr int64_t kLine = 64;
 constexpr int64_t kBlock = 64;  // one cache line of the int8 mask
 constexpr int64_t kAheadBytes = 2048;
 
-// Prefetch the lines of x[b, e) (kWrite: for writing). Forced inline, and called straight from the
-// kernels' loops rather than through a lambda: GCC 12 at -O1 and above deleted every prefetch that
-// reached the loop through a non-inlined helper (checked with objdump).
+// Prefetch the lines of x[b, e) (kWrite: for writing). Forced inline, as is prefetch_ahead, and called
+// from the kernels' loops without a lambda: GCC 12 at -O1 and above deleted every prefetch that
+// reached the loop through a lambda or a helper it did not inline (checked with objdump).
 template <int kWrite, typename T>
 C10_ALWAYS_INLINE void prefetch(const T* x, int64_t b, int64_t e) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -45,13 +44,20 @@ C10_ALWAYS_INLINE void prefetch(const T* x, int64_t b, int64_t e) {
 #endif
 }
 
-// The range [pb, pe) to prefetch before the block [i, j) of a tensor of n elements of T: kAheadBytes
-// further on, up to n (a work item's successor is usually the same thread's next item). Empty near
-// the end of the tensor.
-template <typename T>
-C10_ALWAYS_INLINE std::pair<int64_t, int64_t> ahead_of(int64_t i, int64_t j, int64_t n) {
+// Before the block [i, j) of a tensor of n elements: prefetch its four float streams (parameter and
+// momentum for writing) and, with kMask, the int8 mask, kAheadBytes further on, up to n (a work
+// item's successor is usually the same thread's next item). Nothing near the end of the tensor.
+template <typename T, bool kMask>
+C10_ALWAYS_INLINE void prefetch_ahead(const T* p, const T* g, const T* m, const T* h, const int8_t* mask,
+                                      int64_t i, int64_t j, int64_t n) {
   constexpr int64_t kAhead = kAheadBytes / static_cast<int64_t>(sizeof(T));
-  return {i + kAhead, std::min(n, j + kAhead)};
+  const int64_t pb = i + kAhead, pe = std::min(n, j + kAhead);
+  if (pb >= pe) return;
+  prefetch<1>(p, pb, pe);
+  prefetch<0>(g, pb, pe);
+  prefetch<1>(m, pb, pe);
+  prefetch<0>(h, pb, pe);
+  if constexpr (kMask) prefetch<0>(mask, pb, pe);
 }
 
 struct Item {
@@ -124,14 +130,7 @@ void sophia_h_range(T* __restrict p, const T* __restrict g, T* __restrict m, con
   const T clip = static_cast<T>(hg.clip), lr = static_cast<T>(hg.lr), wd = static_cast<T>(hg.wd);
   for (int64_t bb = b; bb < e; bb += kBlock) {
     const int64_t be = std::min(e, bb + kBlock);
-    const auto [pb, pe] = ahead_of<T>(bb, be, n);
-    if (pb < pe) {
-      prefetch<1>(p, pb, pe);
-      prefetch<0>(g, pb, pe);
-      prefetch<1>(m, pb, pe);
-      prefetch<0>(h, pb, pe);
-      if constexpr (kMask) prefetch<0>(mask, pb, pe);
-    }
+    prefetch_ahead<T, kMask>(p, g, m, h, mask, bb, be, n);
 #pragma omp simd
     for (int64_t i = bb; i < be; ++i) {
       const T mi = m[i] * beta1 + g[i] * one_minus_beta1;
@@ -226,13 +225,7 @@ void sophia_g_range(T* __restrict p, const T* __restrict g, T* __restrict m, con
   const T zero = 0, one = 1;
   for (int64_t bb = b; bb < e; bb += kBlock) {
     const int64_t be = std::min(e, bb + kBlock);
-    const auto [pb, pe] = ahead_of<T>(bb, be, n);
-    if (pb < pe) {
-      prefetch<1>(p, pb, pe);
-      prefetch<0>(g, pb, pe);
-      prefetch<1>(m, pb, pe);
-      prefetch<0>(h, pb, pe);
-    }
+    prefetch_ahead<T, false>(p, g, m, h, nullptr, bb, be, n);
 #pragma omp simd
     for (int64_t i = bb; i < be; ++i) {
       const T pi = p[i] * decay;
