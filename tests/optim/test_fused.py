@@ -160,6 +160,35 @@ def test_fused_unbuildable_extension_falls_back(monkeypatch, caplog):
     assert _fused.extension() is None and _fused.failure() == "OSError: no compiler"
 
 
+def test_extension_build_without_openmp_then_none(monkeypatch, caplog):
+    """A failed OpenMP build is retried once without OpenMP (a warning says the step is serial); when
+    that fails too, the reason names both and the optimizers take their other step."""
+    calls = []
+    serial = object()
+
+    def fake_build(cap, openmp):
+        calls.append(openmp)
+        if openmp:
+            raise RuntimeError("clang: error: unsupported option '-fopenmp'")
+        return serial
+
+    monkeypatch.setattr(_fused, "_OPENMP", ["-fopenmp"])
+    monkeypatch.setattr(_fused, "_build", fake_build)
+    monkeypatch.setattr(_fused, "_state", {})
+    with caplog.at_level(logging.WARNING, logger=_fused.__name__):
+        assert _fused.extension() is serial
+    assert calls == [True, False] and _fused.failure() is None
+    assert "without OpenMP" in caplog.text and "one thread" in caplog.text
+
+    def never(cap, openmp):
+        raise OSError(f"no compiler (openmp={openmp})")
+
+    monkeypatch.setattr(_fused, "_build", never)
+    monkeypatch.setattr(_fused, "_state", {})
+    assert _fused.extension() is None
+    assert _fused.failure() == "OSError: no compiler (openmp=True); without OpenMP: OSError: no compiler (openmp=False)"
+
+
 def test_fused_resume_matches_uninterrupted():
     full, _ = _run(FlatSophia, fused=True, steps=10)
     # 5 steps, save, load into a fresh optimizer, 5 more: the same trajectory

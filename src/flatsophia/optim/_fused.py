@@ -10,7 +10,8 @@ four or five memory streams.
 The extension (``_fused_cpu.cpp``) is compiled with ``torch.utils.cpp_extension.load`` the first
 time a fused step runs (~25 s; cached under ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``). It needs a C++ compiler and ninja; where it cannot be built the
-optimizers log the reason once and take their ``compile``/eager path.
+optimizers log the reason once and take their ``compile``/eager path. A compiler without OpenMP
+gets a one-thread build, with a warning.
 """
 
 from __future__ import annotations
@@ -43,29 +44,49 @@ _OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") and torch.backends.op
 _state: dict = {}
 
 
+def _build(cap: str, openmp: bool):
+    from torch.utils.cpp_extension import load
+
+    omp = _OPENMP if openmp else []
+    return load(
+        name=f"flatsophia_fused_cpu_v{_VERSION}_{cap.lower()}" + ("" if omp or not _OPENMP else "_serial"),
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", *omp, *_ISA_FLAGS.get(cap, [])],
+        extra_ldflags=list(omp),
+        verbose=False,
+    )
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def extension():
     """The loaded extension module, building it on first use; ``None`` if it cannot be built
-    (:func:`failure` says why)."""
+    (:func:`failure` says why). Where the OpenMP build fails (a compiler without OpenMP) it is built
+    once more without, and warns: the fused step then runs on one thread."""
     if "module" in _state:
         return _state["module"]
     if "failure" in _state:
         return None
     cap = torch.backends.cpu.get_cpu_capability()
     try:
-        from torch.utils.cpp_extension import load
-
-        module = load(
-            name=f"flatsophia_fused_cpu_v{_VERSION}_{cap.lower()}",
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", *_OPENMP, *_ISA_FLAGS.get(cap, [])],
-            extra_ldflags=list(_OPENMP),
-            verbose=False,
-        )
-    except Exception as err:  # no compiler, no ninja, a read-only cache, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        _state["failure"] = f"{type(err).__name__}: {first}"
-        log.warning("The fused CPU step is unavailable (%s); using the compile/eager step", _state["failure"])
-        return None
+        module = _build(cap, openmp=True)
+    except Exception as err:  # no compiler, no ninja, no OpenMP, a read-only cache, ...
+        why = _first_line(err)
+        module = None
+        if _OPENMP:
+            try:
+                module = _build(cap, openmp=False)
+            except Exception as err2:
+                why = f"{why}; without OpenMP: {_first_line(err2)}"
+            else:
+                log.warning("The fused CPU step was built without OpenMP (%s); it runs on one thread", why)
+        if module is None:
+            _state["failure"] = why
+            log.warning("The fused CPU step is unavailable (%s); using the compile/eager step", why)
+            return None
     _state["module"] = module
     return module
 
