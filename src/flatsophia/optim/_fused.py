@@ -49,9 +49,10 @@ def _build(cap: str, openmp: bool):
 
     omp = _OPENMP if openmp else []
     return load(
-        name=f"flatsophia_fused_cpu_v{_VERSION}_{cap.lower()}" + ("" if omp or not _OPENMP else "_serial"),
+        name=f"flatsophia_fused_cpu_v{_VERSION}_{cap.lower()}" + ("_serial" if _OPENMP and not openmp else ""),
         sources=[str(_SOURCE)],
-        extra_cflags=["-O3", *omp, *_ISA_FLAGS.get(cap, [])],
+        # Without OpenMP proper, -fopenmp-simd still honours the kernels' ``omp simd`` loops.
+        extra_cflags=["-O3", *(omp or ["-fopenmp-simd"]), *_ISA_FLAGS.get(cap, [])],
         extra_ldflags=list(omp),
         verbose=False,
     )
