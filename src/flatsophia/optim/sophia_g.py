@@ -305,8 +305,7 @@ class SophiaG(Optimizer):
         if not one_scalar_dtype(g.params):
             return False
         params, exp_avgs, hessians = g.params, g.column("exp_avg"), g.column("hessian")
-        maximize = [group["maximize"] for group, n in zip(g.groups, g.counts) for _ in range(n)]
-        grads = [-grad if neg else grad for grad, neg in zip(g.grads, maximize)]
+        grads = [-grad if g.groups[i]["maximize"] else grad for grad, i in zip(g.grads, g.group_index())]
         steps = [step_counter_on(state, p) for state, p in zip(g.states, params)]
         hp = [[group["lr"], group["weight_decay"], group["rho"] * (bs if bs is not None else group["bs"])]
               for group in g.groups]
