@@ -786,7 +786,7 @@ class Bench:
                     if n_rep > 1:
                         row["note"] = f"1 sample = mean of {n_rep} steps (1 eigenbasis refresh)"
                     rows[name][variant] = row
-                    if variant not in EAGER_PATHS and not a.compile:
+                    if variant not in EAGER_PATHS + ("cpp",) and not a.compile:  # cpp: no torch.compile
                         row.update(status="skipped", note="compile off (--no-compile / --smoke)")
                         continue
                     try:
@@ -1055,8 +1055,8 @@ class Bench:
             entries += [(n, True, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY and has_builtin_compile(n)]
             if self.device.type == "cuda" and "graphs" in a.paths:
                 entries += [(n, "reduce-overhead", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
-            if self.device.type == "cpu" and "cpp" in a.paths:
-                entries += [(n, "cpp", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
+        if self.device.type == "cpu" and "cpp" in a.paths:  # the C++ step: no torch.compile, also with --smoke
+            entries += [(n, "cpp", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
         for name, builtin, fused in entries:
             suffix = {True: "+compile", "reduce-overhead": "+graphs", "cpp": "+cpp"}.get(builtin, "")
             key = name + suffix + ("+fused" if fused else "")
