@@ -36,6 +36,12 @@ def check_int(name: str, value: int, low: int) -> None:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
 
 
+def check_bool(name: str, value: bool) -> None:
+    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+
 def hessian_params(param_groups: Iterable[dict]) -> list[torch.Tensor]:
     """The parameters a Hessian estimate is expected for, in ``param_groups`` order.
 

@@ -97,13 +97,6 @@ def failure() -> str | None:
     return _state.get("failure")
 
 
-def check_fused(value) -> bool:
-    """``fused`` as a bool; ``ValueError`` naming it otherwise."""
-    if isinstance(value, bool):
-        return value
-    raise ValueError(f"Invalid fused: {value!r} (expected True or False)")
-
-
 class FusedStep:
     """One optimizer's use of the extension: runs a fused step, or says (once per reason) why not.
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._common import check_betas, check_int, check_nonneg, check_positive
+from ._common import check_betas, check_bool, check_int, check_nonneg, check_positive
 
 __all__ = ["SOAP", "merged_shape"]
 
@@ -255,11 +255,6 @@ def _check_shampoo_beta(value: float) -> None:
         raise ValueError(f"Invalid shampoo_beta: {value!r} (expected -1, meaning betas[1], or a number in [0, 1))")
 
 
-def _check_bool(name: str, value: bool) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
-
-
 def _validate(group: dict) -> None:
     check_nonneg("learning rate", group["lr"])
     check_betas(group["betas"])
@@ -269,7 +264,7 @@ def _validate(group: dict) -> None:
     check_int("precondition_frequency", group["precondition_frequency"], 1)
     check_int("max_precond_dim", group["max_precond_dim"], 0)
     for name in ("merge_dims", "precondition_1d", "normalize_grads", "correct_bias"):
-        _check_bool(name, group[name])
+        check_bool(name, group[name])
     if group["data_format"] not in DATA_FORMATS:
         raise ValueError(
             f"Invalid data_format: {group['data_format']!r} (expected 'channels_first' or 'channels_last')"

@@ -19,6 +19,7 @@ from ._common import (
     Gathered,
     all_finite,
     check_betas,
+    check_bool,
     check_estimates,
     check_nonneg,
     check_positive,
@@ -27,7 +28,7 @@ from ._common import (
     hessian_params,
     params_with_grad,
 )
-from ._fused import FusedStep, check_fused
+from ._fused import FusedStep
 from ._kernels import (
     SOPHIA_G_COMPILED,
     SOPHIA_G_EPS,
@@ -144,7 +145,8 @@ class SophiaG(Optimizer):
         # the denominator's clamp, an identity then.
         self._nonneg = NonnegRecord()
         self.compile = check_compile(compile)
-        self.fused = check_fused(fused)
+        check_bool("fused", fused)
+        self.fused = fused
         self._fused = FusedStep()
         self.foreach = foreach
 
@@ -239,8 +241,8 @@ class SophiaG(Optimizer):
         n_kept = n_total = sq_sum = None
         for group in self.param_groups:
             beta1, _ = group["betas"]
-            lr, wd, rho = group["lr"], group["weight_decay"], group["rho"]
-            scale = rho * (bs if bs is not None else group["bs"])
+            lr, wd = group["lr"], group["weight_decay"]
+            scale = hessian_scale(group, bs)
             pairs = list(params_with_grad(group, "SophiaG"))
             multi = [False] * len(pairs) if collect_stats else foreach_split(self.foreach, [p for p, _ in pairs])
             if any(multi):
@@ -292,7 +294,7 @@ class SophiaG(Optimizer):
         if not g.params:
             return True
         rows = [[float(group["lr"]), float(group["weight_decay"]), float(group["betas"][0]),
-                 float(group["rho"] * (bs if bs is not None else group["bs"])), -1.0 if group["maximize"] else 1.0]
+                 float(hessian_scale(group, bs)), -1.0 if group["maximize"] else 1.0]
                 for group in g.groups]
         return self._fused.run("sophia_g_step", g.params, g.grads, g.column("exp_avg"), g.column("hessian"),
                                g.column("step"), g.group_index(), rows, SOPHIA_G_EPS)
@@ -307,8 +309,7 @@ class SophiaG(Optimizer):
         params, exp_avgs, hessians = g.params, g.column("exp_avg"), g.column("hessian")
         grads = [-grad if g.groups[i]["maximize"] else grad for grad, i in zip(g.grads, g.group_index())]
         steps = [step_counter_on(state, p) for state, p in zip(g.states, params)]
-        hp = [[group["lr"], group["weight_decay"], group["rho"] * (bs if bs is not None else group["bs"])]
-              for group in g.groups]
+        hp = [[group["lr"], group["weight_decay"], hessian_scale(group, bs)] for group in g.groups]
         return SOPHIA_G_COMPILED(
             params,
             grads,
@@ -331,3 +332,9 @@ class SophiaG(Optimizer):
         ``hessian_mean`` and ``hessian_neg_frac`` describe the current Hessian EMA.
         """
         return {**self._last_step_stats, **hessian_ema_stats(self.state.values())}
+
+
+def hessian_scale(group: dict, bs: float | None) -> float:
+    """The Hessian's scale in the denominator, ``rho * bs`` (the authors' ``rho * bs``: ``gamma * B``),
+    with ``step(bs=...)`` overriding the group's ``bs``."""
+    return group["rho"] * (bs if bs is not None else group["bs"])

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from ._common import (
     all_finite,
     check_betas,
+    check_bool,
     check_estimates,
     check_nonneg,
     check_positive,
@@ -27,7 +28,7 @@ from ._common import (
     hessian_params,
     params_with_grad,
 )
-from ._fused import FusedStep, check_fused
+from ._fused import FusedStep
 from ._kernels import (
     SOPHIA_H_COMPILED,
     Scratch,
@@ -148,7 +149,8 @@ class SophiaH(Optimizer):
         self._scratch = Scratch()
         self._hp_cache: dict = {}
         self.compile = check_compile(compile)
-        self.fused = check_fused(fused)
+        check_bool("fused", fused)
+        self.fused = fused
         self._fused = FusedStep()
         self.foreach = foreach
 
