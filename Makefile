@@ -14,7 +14,7 @@ ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install $(TORCH_PINS)
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[template,test]"
 	touch $@
 
 install: $(VENV)/.installed

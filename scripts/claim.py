@@ -1,4 +1,4 @@
-"""Run a claim study (fair tuning, seeded runs with controls, ablation, report): see flatsophia.studies.
+"""Run a claim study (fair tuning, seeded runs with controls, ablation, report): see flatsophia.experiments.studies.
 
     python scripts/claim.py overfit --jobs 2
     python scripts/claim.py charlm --device gpu --jobs 16
@@ -7,7 +7,7 @@
 
 import sys
 
-from flatsophia.studies import main
+from flatsophia.experiments.studies import main
 
 if __name__ == "__main__":
     sys.exit(main())

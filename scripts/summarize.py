@@ -8,12 +8,12 @@ Usage::
 
 Writes ``summary.md``, ``val_loss.png`` (and ``val_acc.png`` / ``sharpness.png`` when logged) to
 ``--out`` (default: the sweep folder) and prints the table. The logic (and what every number means)
-is in :mod:`flatsophia.summarize`.
+is in :mod:`flatsophia.experiments.summarize`.
 """
 
 from __future__ import annotations
 
-from flatsophia.summarize import main
+from flatsophia.experiments.summarize import main
 
 if __name__ == "__main__":
     main()

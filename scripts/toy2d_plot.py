@@ -4,7 +4,7 @@ Usage::
 
     python scripts/toy2d_plot.py [--out toy2d.png] [--steps 40] [--start 0.25 0.5]
 
-The trajectories come from :mod:`flatsophia.toy2d`; this script only draws them.
+The trajectories come from :mod:`flatsophia.experiments.toy2d`; this script only draws them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from flatsophia import toy2d  # noqa: E402
+from flatsophia.experiments import toy2d  # noqa: E402
 
 COLORS = {"GD": "tab:blue", "SignGD (Adam-like)": "tab:orange", "Newton": "tab:red", "Sophia": "tab:green"}
 

@@ -1,6 +1,7 @@
 """The benchmark script runs end to end on a tiny model and reports consistent numbers.
 
-Runs ``scripts/benchmark.py --smoke`` in-process (one thread, no torch.compile, two rounds).
+Runs ``flatsophia.bench.benchmark`` (``scripts/benchmark.py``) with ``--smoke``,
+in-process (one thread, no torch.compile, two rounds).
 Timings themselves are not checked (machines differ); their presence and sanity are, and the
 optimizer-state sizes, which are exact:
 
@@ -12,26 +13,18 @@ optimizer-state sizes, which are exact:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from flatsophia.optim import _fused
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "benchmark.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("flatsophia_benchmark_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    from flatsophia.bench import benchmark
+
+    return benchmark
 
 
 @pytest.fixture(scope="module")

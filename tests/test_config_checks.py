@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flatsophia.config_checks import validate_config
+from flatsophia.validation import validate_config
 
 BAD_INPUTS = [
     # (overrides, expected message fragment)

@@ -1,4 +1,4 @@
-"""The claim-study driver (flatsophia.studies): planned commands, derived controls, task runner, report."""
+"""The claim-study driver (flatsophia.experiments.studies): planned commands, derived controls, task runner, report."""
 
 from __future__ import annotations
 
@@ -8,9 +8,19 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flatsophia import studies
-from flatsophia.studies import STUDIES, Study, Task, Variant, plan_ablation, plan_runs, plan_tuning, report, run_tasks
-from flatsophia.summarize import DEMO_RUNS, write_demo_sweep
+from flatsophia.experiments import studies
+from flatsophia.experiments.studies import (
+    STUDIES,
+    Study,
+    Task,
+    Variant,
+    plan_ablation,
+    plan_runs,
+    plan_tuning,
+    report,
+    run_tasks,
+)
+from flatsophia.experiments.summarize import DEMO_RUNS, write_demo_sweep
 
 TUNED = {
     "adamw": {"optimizer.lr": 0.002},
@@ -40,7 +50,7 @@ def test_tuning_gives_every_optimizer_the_same_budget(tmp_path):
     tasks = plan_tuning(STUDIES["overfit"], tmp_path, device="gpu", extra=["trainer.max_epochs=2"])
     assert [t.name for t in tasks] == ["tune/adamw", "tune/sophia_h", "tune/flat_sophia", "tune/soap"]
     for t, opt in zip(tasks, STUDIES["overfit"].optimizers):
-        assert t.argv[:3] == [sys.executable, str(studies.ROOT / "src" / "train.py"), "-m"]
+        assert t.argv[:3] == [sys.executable, str(studies.project_root() / "src" / "train.py"), "-m"]
         assert _arg(t, "hparams_search") == f"qmc_{opt}"
         assert _arg(t, "hydra.sweeper.n_trials") == _arg(t, "hydra.launcher.n_jobs") == "5"
         assert _arg(t, "seed") == "1000"  # the tuning seed; report seeds are 0-4
@@ -164,3 +174,24 @@ def test_cli_dry_run_prints_the_tuning_commands(capsys, tmp_path):
     )
     with pytest.raises(SystemExit):
         studies.main(["charlm", "--jobs", "0"])
+
+
+def test_project_root_found_from_the_checkout_and_refused_elsewhere(tmp_path, monkeypatch):
+    """The studies find src/train.py from the working directory (no path baked into the package)."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.delenv("PROJECT_ROOT", raising=False)
+    monkeypatch.chdir(root / "conf")
+    assert studies.project_root() == root
+    fake = tmp_path / "proj"
+    (fake / "src").mkdir(parents=True)
+    (fake / "conf").mkdir()
+    (fake / "src" / "train.py").write_text("")
+    (fake / "conf" / "train.yaml").write_text("")
+    monkeypatch.setenv("PROJECT_ROOT", str(fake))
+    assert studies.project_root() == fake
+    installed = tmp_path / "site-packages" / "flatsophia" / "experiments" / "studies.py"
+    monkeypatch.setattr(studies, "__file__", str(installed))
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path / "nowhere"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="src/train.py"):
+        studies.project_root()

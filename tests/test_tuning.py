@@ -18,7 +18,7 @@ from optuna.distributions import (
     UniformDistribution,
 )
 
-from flatsophia.tuning import QMCSampler, unit_to_value
+from flatsophia.experiments.tuning import QMCSampler, unit_to_value
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 QMC_OPTIONS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("qmc_*.yaml"))
@@ -98,7 +98,7 @@ def test_search_spaces_compose_and_every_trial_builds_its_optimizer(make_cfg, op
     expected = OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml")._target_
     assert cfg.optimizer._target_ == expected  # the search space selects its optimizer
     sweeper = cfg.hydra.sweeper
-    assert sweeper.sampler._target_ == "flatsophia.tuning.QMCSampler"
+    assert sweeper.sampler._target_ == "flatsophia.experiments.tuning.QMCSampler"
     assert (sweeper.n_trials, sweeper.direction) == (5, "minimize")  # the same budget for everyone
     assert cfg.optimized_metric == "val/loss_best"
     assert "optimizer.lr" in sweeper.params

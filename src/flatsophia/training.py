@@ -16,37 +16,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flatsophia.config_checks import validate_config
 from flatsophia.utils import (
     instantiate_callbacks,
     instantiate_loggers,
     log_hyperparameters,
     task_wrapper,
 )
+from flatsophia.validation import validate_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "evaluate", "check_trainer_config", "load_checkpoint", "build_module"]
-
-#: Trainer options that Lightning rejects under manual optimization, and what to use instead.
-_MANUAL_OPT_REPLACEMENTS = {
-    "gradient_clip_val": "module.grad_clip={value}",
-    "gradient_clip_algorithm": "module.grad_clip (the module always clips the global L2 norm)",
-    "accumulate_grad_batches": "module.accumulate={value}",
-}
-
-
-def check_trainer_config(trainer_cfg: DictConfig) -> None:
-    """Reject Trainer options that conflict with the module's manual optimization."""
-    for key, instead in _MANUAL_OPT_REPLACEMENTS.items():
-        value = trainer_cfg.get(key)
-        if value is None or (key == "accumulate_grad_batches" and value == 1):
-            continue
-        raise ValueError(
-            f"trainer.{key}={value!r} is not supported: OptimLitModule uses manual optimization, where "
-            f"Lightning refuses it. Remove trainer.{key} and use {instead.format(value=value)} instead."
-        )
-
+__all__ = ["train", "evaluate", "load_checkpoint", "build_module"]
 
 def _to_container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
@@ -77,7 +57,6 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule, **overrides
 
 
 def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
-    check_trainer_config(cfg.trainer)
     validate_config(cfg)  # every bad value named before anything is built
     threads = cfg.get("torch_num_threads")
     if threads:

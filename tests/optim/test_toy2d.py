@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flatsophia import toy2d
+from flatsophia.experiments import toy2d
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,6 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from flatsophia.checks import check_int
+
 TASKS = ("classification", "lm")
 
 
@@ -25,12 +27,6 @@ def check_declared(name: str, given, actual) -> None:
         same = given == actual
     if not same:
         raise ValueError(f"Invalid data.{name}: {given!r}; this dataset has {name}={actual!r}")
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid data.{name}: {value!r} (expected an integer >= {minimum})")
-    return value
 
 
 def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
@@ -73,9 +69,9 @@ class TensorSplitsDataModule(L.LightningDataModule):
         split_seed: int = 0,
     ):
         super().__init__()
-        self.batch_size = check_positive_int("batch_size", batch_size)
-        self.eval_batch_size = check_positive_int("eval_batch_size", eval_batch_size or batch_size)
-        self.num_workers = check_positive_int("num_workers", num_workers, minimum=0)
+        self.batch_size = check_int("data.batch_size", batch_size, 1)
+        self.eval_batch_size = check_int("data.eval_batch_size", eval_batch_size or batch_size, 1)
+        self.num_workers = check_int("data.num_workers", num_workers, 0)
         self.pin_memory = bool(pin_memory)
         if isinstance(split_seed, bool) or not isinstance(split_seed, int):
             raise ValueError(f"Invalid data.split_seed: {split_seed!r} (expected an integer)")

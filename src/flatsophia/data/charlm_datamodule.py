@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from ._base import TensorSplitsDataModule, check_declared, check_positive_int, split_indices
+from flatsophia.checks import check_int
+
+from ._base import TensorSplitsDataModule, check_declared, split_indices
 
 __all__ = ["CharLMDataModule", "stdlib_corpus", "encode", "decode", "VOCAB_SIZE"]
 
@@ -86,8 +88,8 @@ class CharLMDataModule(TensorSplitsDataModule):
         data_dir: str | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
-        self.max_chars = check_positive_int("max_chars", max_chars, minimum=2)
-        self.block_size = check_positive_int("block_size", block_size)
+        self.max_chars = check_int("data.max_chars", max_chars, 2)
+        self.block_size = check_int("data.block_size", block_size, 1)
         for name, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= frac < 1:
                 raise ValueError(f"Invalid data.{name}: {frac!r} (expected a number in [0, 1))")

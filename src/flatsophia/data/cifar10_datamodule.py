@@ -11,7 +11,9 @@ from pathlib import Path
 
 from torch.utils.data import Subset
 
-from ._base import TensorSplitsDataModule, check_declared, check_positive_int, split_indices
+from flatsophia.checks import check_int
+
+from ._base import TensorSplitsDataModule, check_declared, split_indices
 
 __all__ = ["CIFAR10DataModule", "CIFARDataModuleBase"]
 
@@ -66,11 +68,11 @@ class CIFARDataModuleBase(TensorSplitsDataModule):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
         self.data_dir = str(data_dir)
         self.download = bool(download)
-        self.n_val = check_positive_int("n_val", n_val, minimum=0)
+        self.n_val = check_int("data.n_val", n_val, 0)
         if n_val >= 50000:
             raise ValueError(f"Invalid data.n_val: {n_val!r} (the training set has 50000 images)")
         self.augment = bool(augment)
-        self.image_size = check_positive_int("image_size", image_size)
+        self.image_size = check_int("data.image_size", image_size, 1)
         self.num_classes = self.classes
         self.input_shape = (3, image_size, image_size)
         check_declared("num_classes", num_classes, self.classes)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from ._base import TensorSplitsDataModule, check_declared, check_positive_int, split_indices
+from flatsophia.checks import check_int
+
+from ._base import TensorSplitsDataModule, check_declared, split_indices
 
 __all__ = ["DigitsDataModule"]
 
@@ -42,8 +44,8 @@ class DigitsDataModule(TensorSplitsDataModule):
         data_dir: str | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
-        self.n_val = check_positive_int("n_val", n_val, minimum=0)
-        self.n_test = check_positive_int("n_test", n_test, minimum=0)
+        self.n_val = check_int("data.n_val", n_val, 0)
+        self.n_test = check_int("data.n_test", n_test, 0)
         if n_val + n_test >= 1797:
             raise ValueError(f"Invalid data.n_val + data.n_test: {n_val + n_test} (the dataset has 1797 images)")
         self.num_classes = 10

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from ._base import TensorSplitsDataModule, check_declared, check_positive_int, split_indices
+from flatsophia.checks import check_int
+
+from ._base import TensorSplitsDataModule, check_declared, split_indices
 
 __all__ = ["MNIST1DDataModule", "make_mnist1d"]
 
@@ -107,9 +109,9 @@ class MNIST1DDataModule(TensorSplitsDataModule):
         pin_memory: bool = False,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
-        check_positive_int("num_samples", num_samples, minimum=10)
-        check_positive_int("seq_len", seq_len)
-        check_positive_int("n_val", n_val, minimum=0)
+        check_int("data.num_samples", num_samples, 10)
+        check_int("data.seq_len", seq_len, 1)
+        check_int("data.n_val", n_val, 0)
         if not 0 < train_split < 1:
             raise ValueError(f"Invalid data.train_split: {train_split!r} (expected a number in (0, 1))")
         n_train_total = int((num_samples // 10) * 10 * train_split)

@@ -26,54 +26,21 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from flatsophia.hessian import build_estimator
 from flatsophia.hessian.base import math_attention
-from flatsophia.optim.factory import HESSIAN_ESTIMATORS, param_groups, spec_for
-from flatsophia.optim.schedules import SCHEDULES, warmup_decay
+from flatsophia.optim.factory import param_groups, spec_for
+from flatsophia.optim.schedules import warmup_decay
+from flatsophia.validation import (
+    HESSIAN_DEFAULTS,
+    SCHEDULER_DEFAULTS,
+    TASKS,
+    check_choice,
+    check_estimator_fits,
+    check_hessian_block,
+    check_module_options,
+    check_scheduler_block,
+    merge_block,
+)
 
 log = logging.getLogger(__name__)
-
-TASKS = ("classification", "lm")
-NONFINITE_POLICIES = ("skip", "raise")
-
-#: Defaults of the ``hessian`` block; every key a user sets must be one of these.
-HESSIAN_DEFAULTS = dict(estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0)
-SCHEDULER_DEFAULTS = dict(name="cosine", warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
-
-
-def _merge_block(name: str, given: dict | None, defaults: dict) -> dict:
-    out = dict(defaults)
-    for key, value in dict(given or {}).items():
-        if key not in defaults:
-            raise ValueError(f"Unknown key {name}.{key}; valid keys: {', '.join(defaults)}")
-        out[key] = value
-    return out
-
-
-def check_hessian_block(hessian: dict) -> None:
-    """Validate the ``hessian`` block (raises ``ValueError`` naming the bad value)."""
-    est = hessian["estimator"]
-    if est not in ("auto", *HESSIAN_ESTIMATORS):
-        raise ValueError(f"Invalid hessian.estimator: {est!r} (choose one of auto, {', '.join(HESSIAN_ESTIMATORS)})")
-    k = hessian["every_k"]
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"Invalid hessian.every_k: {k!r} (expected an integer >= 1)")
-    p = hessian["refresh_prob"]
-    if p is not None and (not isinstance(p, (int, float)) or not 0 < p <= 1):
-        raise ValueError(f"Invalid hessian.refresh_prob: {p!r} (expected null or a number in (0, 1])")
-
-
-def check_module_options(accumulate=1, grad_clip=None, nonfinite="skip", log_stats_every=10) -> None:
-    """Validate the ``module.*`` training-loop options (raises ``ValueError`` naming the bad value)."""
-    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
-        raise ValueError(f"Invalid module.accumulate: {accumulate!r} (expected an integer >= 1)")
-    if grad_clip is not None and (
-        not isinstance(grad_clip, (int, float)) or isinstance(grad_clip, bool) or grad_clip < 0
-    ):
-        raise ValueError(f"Invalid module.grad_clip: {grad_clip!r} (expected null or a number >= 0)")
-    if nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"Invalid module.nonfinite: {nonfinite!r} (choose one of {', '.join(NONFINITE_POLICIES)})")
-    if not isinstance(log_stats_every, int) or isinstance(log_stats_every, bool) or log_stats_every < 1:
-        raise ValueError(f"Invalid module.log_stats_every: {log_stats_every!r} (expected an integer >= 1)")
-
 
 def _autocast_off(device: torch.device):
     """A context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
@@ -126,20 +93,16 @@ class OptimLitModule(L.LightningModule):
         log_stats_every: int = 10,
     ):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"Invalid task: {task!r} (choose one of {', '.join(TASKS)})")
-        check_module_options(accumulate, grad_clip, nonfinite, log_stats_every)
+        check_choice("task", task, TASKS)
+        check_module_options(accumulate, grad_clip, nonfinite, log_stats_every, weight_decay_rule)
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"Invalid num_classes: {num_classes!r} (expected an integer >= 2)")
         if not callable(optimizer):
             raise ValueError(f"Invalid optimizer: {optimizer!r} (expected a factory taking parameters)")
-        self.hessian_cfg = _merge_block("hessian", hessian, HESSIAN_DEFAULTS)
+        self.hessian_cfg = merge_block("hessian", hessian, HESSIAN_DEFAULTS)
         check_hessian_block(self.hessian_cfg)
-        self.scheduler_cfg = _merge_block("scheduler", scheduler, SCHEDULER_DEFAULTS)
-        if self.scheduler_cfg["name"] not in SCHEDULES:
-            raise ValueError(
-                f"Invalid scheduler.name: {self.scheduler_cfg['name']!r} (choose one of {', '.join(SCHEDULES)})"
-            )
+        self.scheduler_cfg = merge_block("scheduler", scheduler, SCHEDULER_DEFAULTS)
+        check_scheduler_block(self.scheduler_cfg)
         # The optimizer factory is not stored as such: checkpoints stay loadable with
         # torch.load(weights_only=True). Its name and keyword arguments are recorded instead.
         self.save_hyperparameters(logger=False, ignore=["net", "optimizer"])
@@ -226,12 +189,7 @@ class OptimLitModule(L.LightningModule):
                     UserWarning,
                     stacklevel=2,
                 )
-        if asked != needed:
-            raise ValueError(
-                f"hessian.estimator={asked!r} does not fit optimizer {name!r}, which needs {needed!r}. "
-                "Valid combinations: sophia_g/sophia + gnb; sophia_h/flat_sophia + hutchinson; "
-                "adamw/soap + none (hessian=auto picks the right one)."
-            )
+        check_estimator_fits(asked, needed, name)
         self.estimator_name = needed
         kwargs = {"seed": int(self.hessian_cfg["seed"])}
         if needed == "hutchinson":

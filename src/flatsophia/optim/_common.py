@@ -2,44 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
 
-
-def check_nonneg(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number >= 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number >= 0)")
-
-
-def check_positive(name: str, value: float) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number > 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number > 0)")
-
-
-def check_betas(betas: Sequence[float]) -> None:
-    """Raise ``ValueError`` unless ``betas`` is a pair with each value in [0, 1)."""
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
-    for i, b in enumerate(betas):
-        if not isinstance(b, (int, float)) or isinstance(b, bool) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (expected a number in [0, 1))")
-
-
-def check_int(name: str, value: int, low: int) -> None:
-    """Raise ``ValueError`` unless ``value`` is an int >= ``low``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low})")
-
-
-def check_bool(name: str, value: bool) -> None:
-    """Raise ``ValueError`` unless ``value`` is ``True`` or ``False``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+from flatsophia.checks import check_betas, check_bool, check_int, check_nonneg, check_positive  # noqa: F401 (re-exported)
 
 
 def hessian_params(param_groups: Iterable[dict]) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ __all__ = [
     "HESSIAN_ESTIMATORS",
     "get_spec",
     "spec_for",
+    "estimator_combinations",
     "param_groups",
     "create_optimizer",
 ]
@@ -88,6 +89,25 @@ def get_spec(name: str) -> OptimizerSpec:
         choices = ", ".join(sorted(OPTIMIZERS) + sorted(ALIASES))
         raise ValueError(f"Unknown optimizer {name!r}; choose one of: {choices}")
     return OPTIMIZERS[key]
+
+
+def estimator_combinations() -> str:
+    """Which optimizers take which Hessian estimator, from the registry (aliases included), for messages.
+
+    E.g. ``"sophia_g (sophia, sophiag) + gnb; sophia_h (sophiah), flat_sophia (flatsophia) + hutchinson;
+    adamw, soap + none"``.
+    """
+    parts = []
+    for est in HESSIAN_ESTIMATORS[1:] + HESSIAN_ESTIMATORS[:1]:
+        names = []
+        for spec in OPTIMIZERS.values():
+            if spec.hessian != est:
+                continue
+            aliases = sorted(a for a, target in ALIASES.items() if target == spec.name)
+            names.append(spec.name + (f" ({', '.join(aliases)})" if aliases else ""))
+        if names:
+            parts.append(f"{', '.join(names)} + {est}")
+    return "; ".join(parts)
 
 
 def spec_for(optimizer: torch.optim.Optimizer | type) -> OptimizerSpec | None:

@@ -12,7 +12,7 @@ ruleset does, with the project's own entry point (``src/train.py``) and sweepers
    ``test_final=true`` so that the held-out test split is scored at the best-validation checkpoint
    and at the end of training.
 3. **ablation** -- an optional grid (``ablation=<name>``) around a tuned setting.
-4. **report** -- :func:`flatsophia.summarize.summarize` over the runs (Markdown table, paired
+4. **report** -- :func:`flatsophia.experiments.summarize.summarize` over the runs (Markdown table, paired
    per-seed differences, curves), a tuning table (every trial, the chosen setting, compute spent),
    written to ``<out>/report`` and optionally copied to a docs folder.
 
@@ -48,7 +48,26 @@ from omegaconf import OmegaConf
 
 __all__ = ["STUDIES", "Study", "Variant", "Task", "main", "plan_tuning", "plan_runs", "plan_ablation", "report"]
 
-ROOT = Path(__file__).resolve().parents[2]
+
+
+def project_root() -> Path:
+    """The project checkout whose ``src/train.py`` and ``conf/`` the studies run.
+
+    ``$PROJECT_ROOT`` if set, else the first folder holding both at or above the working directory,
+    else the checkout this package was installed from in editable mode. A non-editable install has
+    neither, so run the studies from the project checkout (or set ``PROJECT_ROOT``).
+    """
+    env = os.environ.get("PROJECT_ROOT")
+    candidates = [Path(env)] if env else []
+    cwd = Path.cwd().resolve()
+    candidates += [cwd, *cwd.parents, Path(__file__).resolve().parents[3]]
+    for root in candidates:
+        if (root / "src" / "train.py").is_file() and (root / "conf" / "train.yaml").is_file():
+            return root
+    raise FileNotFoundError(
+        "Cannot find the project checkout (a folder with src/train.py and conf/train.yaml) at or above "
+        f"{cwd}{f' or at PROJECT_ROOT={env}' if env else ''}; run from the checkout or set PROJECT_ROOT."
+    )
 
 
 @dataclass(frozen=True)
@@ -187,7 +206,7 @@ class Task:
 
 
 def _train_argv(overrides: Sequence[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "src" / "train.py"), "-m", *overrides]
+    return [sys.executable, str(project_root() / "src" / "train.py"), "-m", *overrides]
 
 
 def _common(study: Study, device: str, extra: Sequence[str]) -> list[str]:
@@ -308,7 +327,7 @@ def plan_ablation(study: Study, out: Path, device: str = "cpu", extra: Sequence[
         return []
     base = study.ablation_base or study.optimizers[0]
     setting = tuned_setting(out, base)
-    grid = OmegaConf.load(ROOT / "conf" / "ablation" / f"{study.ablation}.yaml").hydra.sweeper.params
+    grid = OmegaConf.load(project_root() / "conf" / "ablation" / f"{study.ablation}.yaml").hydra.sweeper.params
     for key in grid:
         setting.pop(key, None)
     n = math.prod(len(str(v).split(",")) for v in grid.values()) * len(study.ablation_seeds)
@@ -333,6 +352,7 @@ def run_tasks(tasks: list[Task], jobs: int, deadline: float | None = None, env: 
     """Run the commands with at most ``jobs`` training processes at once (a task's ``procs`` count)."""
     pending, running = list(tasks), []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    root = project_root()
     while pending or running:
         while pending and (not running or sum(t.procs for t, _, _ in running) + pending[0].procs <= jobs):
             task = pending.pop(0)
@@ -345,7 +365,7 @@ def run_tasks(tasks: list[Task], jobs: int, deadline: float | None = None, env: 
             fh.flush()
             print(f"[claim] start {task.name} ({task.procs} processes)", flush=True)
             running.append(
-                (task, subprocess.Popen(task.argv, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env), fh)
+                (task, subprocess.Popen(task.argv, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env), fh)
             )
             task.seconds = time.time()
         time.sleep(0.5)
@@ -385,7 +405,7 @@ def _job_seconds(job_dir: Path) -> float:
 
 def tuning_table(study: Study, out: Path) -> tuple[str, float]:
     """Markdown of every trial (setting, objective) with the chosen one marked; total job seconds."""
-    from flatsophia.summarize import find_jobs, load_job
+    from flatsophia.experiments.summarize import find_jobs, load_job
 
     lines, total = [], 0.0
     for opt in study.optimizers:
@@ -415,7 +435,7 @@ def _short(v) -> str:
 
 
 def _target(study: Study, out: Path, rule: tuple[str, str] | None = None) -> float | None:
-    from flatsophia.summarize import load_runs
+    from flatsophia.experiments.summarize import load_runs
 
     kind, opt = rule or study.target_rule
     sweep = out / "runs" / opt
@@ -435,7 +455,7 @@ def report(
     name: str | None = None,
 ) -> Path:
     """Summarize the runs (and ablation) into ``<out>/report``; copy it to ``docs`` if given."""
-    from flatsophia.summarize import _mean_std, fmt_mean_std, load_runs, summarize
+    from flatsophia.experiments.summarize import _mean_std, fmt_mean_std, load_runs, summarize
 
     study_name = name or (study if isinstance(study, str) else study.experiment)
     study = STUDIES[study] if isinstance(study, str) else study
@@ -534,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
         study = dataclasses.replace(study, seeds=seeds, ablation_seeds=seeds[:1])
-    out = (args.out or ROOT / "logs" / "claims" / args.study).resolve()
+    out = (args.out or project_root() / "logs" / "claims" / args.study).resolve()
     phases = args.phase or ["all"]
     if "all" in phases:
         phases = ["tune", "runs", "ablation", "report"]

@@ -16,7 +16,7 @@ Use from a config::
     hydra:
       sweeper:
         sampler:
-          _target_: flatsophia.tuning.QMCSampler
+          _target_: flatsophia.experiments.tuning.QMCSampler
           seed: 0
 """
 
