@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from demo_sweep import DEMO_RUNS, write_demo_sweep
+
 from flatsophia.experiments import studies
 from flatsophia.experiments.studies import (
     STUDIES,
@@ -20,7 +22,6 @@ from flatsophia.experiments.studies import (
     report,
     run_tasks,
 )
-from flatsophia.experiments.summarize import DEMO_RUNS, write_demo_sweep
 
 TUNED = {
     "adamw": {"optimizer.lr": 0.002},

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from flatsophia.experiments.summarize import fmt_mean_std, summarize, write_demo_sweep
+from demo_sweep import write_demo_sweep
+
+from flatsophia.experiments.summarize import fmt_mean_std, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The demo sweep's numbers, restated by hand (flatsophia.experiments.summarize.DEMO_RUNS): val/loss and val/acc
+# The demo sweep's numbers, restated by hand (tests/demo_sweep.py: DEMO_RUNS): val/loss and val/acc
 # at steps 9, 19, 29, 39; test (loss, acc); final sharpness; time/step_ms of the four training rows.
 STEPS = [9, 19, 29, 39]
 VAL_LOSS = {
