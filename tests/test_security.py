@@ -1,0 +1,141 @@
+"""Safe by default (issue #19): untrusted checkpoints never run code."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from flatsophia.security import UntrustedCheckpointError
+from flatsophia.training import evaluate, load_checkpoint, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTING = ["callbacks=default", "logger=csv", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+
+
+#: How the payload's callable is named in the pickle (``io.open``).
+PAYLOAD_GLOBAL = f"{open.__module__}.{open.__qualname__}"
+
+
+class Evil:
+    """Unpickling it calls ``open(marker, "w")``, creating the marker file: it stands for any code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def crafted(tmp_path: Path, base: dict | None = None) -> tuple[Path, Path]:
+    """A checkpoint whose unpickling would create a marker file: (its path, the marker's path)."""
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "crafted.ckpt"
+    torch.save({**(base or {"state_dict": {}}), "x": Evil(marker)}, path)
+    return path, marker
+
+
+def trained_checkpoint(make_cfg, *overrides: str) -> Path:
+    cfg = make_cfg([*CHECKPOINTING, "test=false", *overrides])
+    train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def weights_only_seen(monkeypatch) -> list[tuple[str, object]]:
+    """Records the ``weights_only`` that Trainer.fit / Trainer.test receive."""
+    seen = []
+    for name in ("fit", "test"):
+        real = getattr(L.Trainer, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("weights_only")))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(L.Trainer, name, spy)
+    return seen
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_crafted_checkpoint_is_refused_by_the_python_api(make_cfg, tmp_path):
+    path, marker = crafted(tmp_path)
+    with pytest.raises(UntrustedCheckpointError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and PAYLOAD_GLOBAL in message and "ckpt_trusted=true" in message
+    with pytest.raises(UntrustedCheckpointError, match=PAYLOAD_GLOBAL):
+        evaluate(make_cfg([f"ckpt_path={path}"], config_name="eval"))
+    with pytest.raises(UntrustedCheckpointError, match=PAYLOAD_GLOBAL):
+        train(make_cfg([f"ckpt_path={path}"]))
+    with pytest.raises(ValueError, match="ckpt_trusted"):
+        evaluate(make_cfg([f"ckpt_path={path}", "ckpt_trusted=yes"], config_name="eval"))
+    assert not marker.exists()
+
+
+def test_trusted_checkpoint_is_loaded_with_a_warning(make_cfg, tmp_path, caplog, weights_only_seen):
+    last = trained_checkpoint(make_cfg)
+    weights_only_seen.clear()
+    path, marker = crafted(tmp_path, torch.load(last, weights_only=True))
+    with pytest.raises(UntrustedCheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+    with caplog.at_level(logging.WARNING, logger="flatsophia.security"):
+        metrics, _ = evaluate(make_cfg([f"ckpt_path={path}", "ckpt_trusted=true"], config_name="eval"))
+    assert marker.exists() and "test/loss" in metrics
+    assert any("ckpt_trusted=true" in r.getMessage() and str(path) in r.getMessage() for r in caplog.records)
+    assert weights_only_seen == [("test", False)]
+
+    marker.unlink()
+    weights_only_seen.clear()
+    cfg = make_cfg([*CHECKPOINTING, "trainer.max_epochs=2", f"ckpt_path={path}", "ckpt_trusted=true"])
+    _, objects = train(cfg)
+    assert marker.exists() and objects["trainer"].global_step == 6
+    assert weights_only_seen == [("fit", False), ("test", False)]
+    # What the resumed run wrote is plain again.
+    resumed = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert "x" not in resumed and resumed["global_step"] == 6
+
+
+def test_lightning_loads_with_weights_only(make_cfg, weights_only_seen):
+    last = trained_checkpoint(make_cfg)
+    weights_only_seen.clear()
+    train(make_cfg([*CHECKPOINTING, "trainer.max_epochs=2", f"ckpt_path={last}"]))
+    assert weights_only_seen == [("fit", True), ("test", True)]  # the resume and the best checkpoint
+    weights_only_seen.clear()
+    evaluate(make_cfg([f"ckpt_path={last}"], config_name="eval"))
+    assert weights_only_seen == [("test", True)]
+
+
+def test_optimizer_kwargs_are_saved_plain(make_cfg):
+    """Without `_convert_: all` Hydra would hand the factory ListConfig betas, which weights_only refuses."""
+    last = trained_checkpoint(make_cfg, "~optimizer._convert_", "optimizer=adamw")
+    saved = torch.load(last, weights_only=True)
+    assert saved["hyper_parameters"]["optimizer_kwargs"]["betas"] == [0.9, 0.999]
+
+
+@pytest.mark.slow
+def test_cli_refuses_crafted_checkpoint(tmp_path, data_dir):
+    """src/eval.py and a resume through src/train.py: refused with the global named; the payload never runs."""
+    path, marker = crafted(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    for script in ("eval", "train"):
+        cmd = [
+            sys.executable,
+            f"src/{script}.py",
+            f"ckpt_path={path}",
+            "extras.print_config=false",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            f"paths.data_dir={data_dir}",
+        ]
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output[-3000:]
+        assert "UntrustedCheckpointError" in output and PAYLOAD_GLOBAL in output and "ckpt_trusted=true" in output
+        assert not marker.exists(), script
