@@ -1,19 +1,25 @@
-"""Safe by default (issue #19): untrusted checkpoints never run code."""
+"""Safe by default (issue #19): untrusted checkpoints never run code, saves never lose the last good
+state."""
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 import os
+import pickle
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 
-from flatsophia.security import UntrustedCheckpointError
-from flatsophia.training import evaluate, load_checkpoint, train
+import flatsophia.security as security
+from flatsophia.security import AtomicCheckpointIO, UntrustedCheckpointError
+from flatsophia.training import _build_common, evaluate, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTING = ["callbacks=default", "logger=csv", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
@@ -139,3 +145,93 @@ def test_cli_refuses_crafted_checkpoint(tmp_path, data_dir):
         assert result.returncode != 0, output[-3000:]
         assert "UntrustedCheckpointError" in output and PAYLOAD_GLOBAL in output and "ckpt_trusted=true" in output
         assert not marker.exists(), script
+
+
+# ------------------------------------------------------------------------------------ atomic saves
+def half_then_fail(monkeypatch) -> list[str]:
+    """Make torch.save write half of the bytes, then fail as a full disk would; returns the files written to."""
+    real = torch.save
+    written_to = []
+
+    def save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        written_to.append(getattr(f, "name", "<memory>"))
+        f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)")
+
+    monkeypatch.setattr(torch, "save", save)
+    return written_to
+
+
+def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(1000)}, "global_step": 1}, path)
+    before = path.read_bytes()
+    written_to = half_then_fail(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(1000)}, "global_step": 2}, path)
+    # Streamed to a file next to the target (a rename within one file system is atomic), not to memory
+    # or the system temp folder as Lightning's TorchCheckpointIO does.
+    assert len(written_to) == 1 and Path(written_to[0]).parent == tmp_path
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary file is gone
+
+
+def test_save_is_fsynced_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(security.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(security.os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "a.ckpt")
+    assert calls == ["fsync", "replace", "fsync"]  # the file, the rename, the folder (persists the rename)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.ckpt"]
+
+
+def test_failed_save_during_training_keeps_last_ckpt(make_cfg, monkeypatch):
+    """The resumed run saves into the same folder; its failing saves leave the files of the first run."""
+    last = trained_checkpoint(make_cfg)
+    before = {p.name: p.read_bytes() for p in last.parent.iterdir()}
+    assert sorted(before) == ["epoch_000.ckpt", "last.ckpt"]
+    half_then_fail(monkeypatch)
+    with pytest.raises(OSError, match="No space left"):
+        train(make_cfg([*CHECKPOINTING, "trainer.max_epochs=2", f"ckpt_path={last}", "test=false"]))
+    assert {p.name: p.read_bytes() for p in last.parent.iterdir()} == before  # and no temporary file left
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_sigkill_during_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    script = textwrap.dedent(
+        f"""
+        import io, os, signal, torch
+        import flatsophia.security as security
+        io_ = security.AtomicCheckpointIO()
+        io_.save_checkpoint({{"state_dict": {{"w": torch.ones(100_000)}}, "global_step": 1}}, {str(path)!r})
+        real = torch.save
+        def save(obj, f):
+            buf = io.BytesIO()
+            real(obj, buf)
+            f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        security.torch.save = save
+        io_.save_checkpoint({{"state_dict": {{"w": torch.zeros(100_000)}}, "global_step": 2}}, {str(path)!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -9, result.stderr[-3000:]
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 1 and torch.equal(saved["state_dict"]["w"], torch.ones(100_000))
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "conf" / "trainer").glob("*.yaml")))
+def test_every_trainer_config_saves_atomically(make_cfg, option):
+    """Each conf/trainer option (on the CPU here) gets the atomic CheckpointIO; it survives pickling (ddp_spawn)."""
+    cfg = make_cfg([f"trainer={option}", "trainer.accelerator=cpu", "trainer.precision=32-true"])
+    trainer = _build_common(cfg)["trainer"]
+    assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
+    assert type(pickle.loads(pickle.dumps(trainer.strategy.checkpoint_io))) is AtomicCheckpointIO

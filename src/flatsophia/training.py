@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flatsophia.security import UntrustedCheckpointError, load_checkpoint_file
+from flatsophia.security import UntrustedCheckpointError, load_checkpoint_file, use_atomic_checkpoint_io
 from flatsophia.utils import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -73,6 +73,7 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    use_atomic_checkpoint_io(trainer)  # checkpoints written to a temp file and renamed: no half-written last.ckpt
     objects = {
         "cfg": cfg,
         "datamodule": datamodule,
