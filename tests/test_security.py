@@ -1,5 +1,5 @@
 """Safe by default (issue #19): untrusted checkpoints never run code, saves never lose the last good
-state."""
+state, secrets stay out of what a run writes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import pickle
+import runpy
 import subprocess
 import sys
 import textwrap
@@ -16,9 +17,19 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
+from hydra.core.global_hydra import GlobalHydra
 
 import flatsophia.security as security
-from flatsophia.security import AtomicCheckpointIO, UntrustedCheckpointError
+from conftest import TINY, TINY_DEFAULT
+from flatsophia.security import (
+    REDACTED,
+    AtomicCheckpointIO,
+    UntrustedCheckpointError,
+    install_log_redaction,
+    redact,
+    secret_values,
+)
 from flatsophia.training import _build_common, evaluate, load_checkpoint, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -235,3 +246,109 @@ def test_every_trainer_config_saves_atomically(make_cfg, option):
     trainer = _build_common(cfg)["trainer"]
     assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
     assert type(pickle.loads(pickle.dumps(trainer.strategy.checkpoint_io))) is AtomicCheckpointIO
+
+
+# ------------------------------------------------------------------------------------ secrets
+SECRET_ENV = {"WANDB_API_KEY": "wandb-fake-9f8e7d6c5b4a", "FLATSOPHIA_TEST_TOKEN": "tok-fake-1a2b3c4d5e6f"}
+
+
+def test_secret_values_and_redact(monkeypatch):
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SOME_PASSWORD", "abc")  # too short to redact: it would match ordinary text
+    monkeypatch.setenv("NOT_SECRET_PATH", "tok-fake-but-not-named-a-secret")
+    values = secret_values()
+    assert set(SECRET_ENV.values()) <= set(values) and "abc" not in values
+    obj = {"a": [f"x{SECRET_ENV['WANDB_API_KEY']}y", (1, SECRET_ENV["FLATSOPHIA_TEST_TOKEN"])], "t": torch.ones(1)}
+    out = redact(obj)
+    assert out["a"] == [f"x{REDACTED}y", (1, REDACTED)] and out["t"] is obj["t"]
+    assert redact("tok-fake-but-not-named-a-secret") == "tok-fake-but-not-named-a-secret"
+
+
+def test_log_filter_redacts_messages_and_tracebacks(tmp_path, monkeypatch):
+    secret = SECRET_ENV["FLATSOPHIA_TEST_TOKEN"]
+    monkeypatch.setenv("FLATSOPHIA_TEST_TOKEN", secret)
+    logger = logging.getLogger("flatsophia.test_security")
+    handler = logging.FileHandler(tmp_path / "run.log")
+    logger.addHandler(handler)
+    try:
+        install_log_redaction(logger)
+        logger.warning("token is %s", secret)
+        try:
+            raise ValueError(f"bad url https://{secret}@example.org")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    text = (tmp_path / "run.log").read_text()
+    assert secret not in text and text.count(REDACTED) == 2 and "Traceback" in text
+
+
+def test_checkpoint_hyperparameters_are_redacted(tmp_path, monkeypatch):
+    secret = SECRET_ENV["WANDB_API_KEY"]
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    path = tmp_path / "x.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {}, "hyper_parameters": {"note": secret}}, path)
+    assert secret.encode() not in path.read_bytes()
+    assert torch.load(path, weights_only=True)["hyper_parameters"]["note"] == REDACTED
+
+
+@pytest.fixture
+def hydra_app(monkeypatch):
+    """Run ``src/<script>.py`` in this process as ``python src/<script>.py <args>`` would (Hydra and all)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
+
+    def run(script: str, *args: str) -> None:
+        GlobalHydra.instance().clear()
+        monkeypatch.setattr(sys, "argv", [str(ROOT / "src" / f"{script}.py"), *args])
+        runpy.run_path(str(ROOT / "src" / f"{script}.py"), run_name="__main__")
+
+    yield run
+    GlobalHydra.instance().clear()
+    for h in root.handlers[:]:
+        if h not in handlers:
+            root.removeHandler(h)
+            h.close()
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
+
+
+def test_secrets_stay_out_of_everything_a_run_writes(tmp_path, data_dir, monkeypatch, capsys, hydra_app):
+    """A secret reaches the config through ${oc.env:...} and through command-line overrides; no file of
+    the run (.hydra/*.yaml, hparams.yaml, CSV, checkpoints, config tree, log) holds it afterwards."""
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    literal = SECRET_ENV["FLATSOPHIA_TEST_TOKEN"]
+    out = tmp_path / "logs"
+    hydra_app(
+        "train",
+        *TINY,
+        *TINY_DEFAULT,
+        *CHECKPOINTING,
+        "+notes.from_env=${oc.env:WANDB_API_KEY}",
+        f"+notes.from_cli={literal}",
+        f"tags=[dev,{literal}]",
+        f"paths.log_dir={out}",
+        f"paths.data_dir={data_dir}",
+    )
+    printed = capsys.readouterr()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"config.yaml", "overrides.yaml", "hydra.yaml", "hparams.yaml", "metrics.csv", "last.ckpt"} <= names
+    assert {"train.log", "config_tree.log"} <= names
+    for p in files:
+        data = p.read_bytes()
+        for value in SECRET_ENV.values():
+            assert value.encode() not in data, f"{value} in {p}"
+    for value in SECRET_ENV.values():
+        assert value not in printed.out + printed.err
+    # The values did reach the config (and were replaced), rather than being dropped on the way.
+    for name in ("hparams.yaml", "overrides.yaml", "config_tree.log"):
+        assert REDACTED in next(p for p in files if p.name == name).read_text(), name
+    hparams = yaml.safe_load(next(p for p in files if p.name == "hparams.yaml").read_text())
+    assert hparams["notes"] == {"from_env": REDACTED, "from_cli": REDACTED}

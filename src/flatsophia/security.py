@@ -1,4 +1,4 @@
-"""Safe defaults of the template: checkpoint loading, atomic checkpoint writes.
+"""Safe defaults of the template: checkpoint loading, atomic checkpoint writes, secret redaction.
 
 - :func:`load_checkpoint_file`: ``torch.load`` with ``weights_only=True`` (tensors and plain data only);
   a file that needs full unpickling is refused with :class:`UntrustedCheckpointError`, which names the
@@ -6,6 +6,10 @@
 - :class:`AtomicCheckpointIO`: Lightning's ``TorchCheckpointIO`` writing each checkpoint to a temporary
   file in the target's folder, fsync'd, then ``os.replace``d into place, so a crash, SIGKILL or full
   disk during a save leaves the previous file intact. :func:`use_atomic_checkpoint_io` installs it.
+- Secrets: values of environment variables named ``*_KEY``, ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``
+  (e.g. ``WANDB_API_KEY``) are replaced by ``***`` in logged hyperparameters, the printed config tree,
+  checkpoints' hyperparameters, Hydra's ``.hydra/*.yaml`` dumps and the run log
+  (:class:`RedactSecretsCallback`, a Hydra callback set in ``conf/hydra/default.yaml``).
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ import os
 import pickle
 import re
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from fsspec.implementations.local import LocalFileSystem
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -33,6 +40,13 @@ __all__ = [
     "atomic_torch_save",
     "AtomicCheckpointIO",
     "use_atomic_checkpoint_io",
+    "REDACTED",
+    "secret_values",
+    "redact",
+    "RedactingFilter",
+    "install_log_redaction",
+    "redact_files",
+    "RedactSecretsCallback",
 ]
 
 TRUST_OPTION = "ckpt_trusted=true"
@@ -121,6 +135,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
+#: Checkpoint entries that hold configuration (redacted of secrets before a save).
+_HPARAM_KEYS = ("hyper_parameters", "datamodule_hyper_parameters")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose local saves are atomic (see :func:`atomic_torch_save`).
 
@@ -128,11 +146,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     transaction whose temporary file lives in the system temp folder and is moved into place without
     fsync: across file systems that move is a copy, which a SIGKILL can leave half done, and the data
     may not be on disk when the rename is. Remote paths (``s3://`` ...) keep Lightning's save.
+    Hyperparameters are redacted of secrets (see :func:`redact`).
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        checkpoint = {k: redact(v) if k in _HPARAM_KEYS else v for k, v in checkpoint.items()}
         atomic_torch_save(checkpoint, path)
         return None
 
@@ -151,3 +171,113 @@ def use_atomic_checkpoint_io(trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
     elif isinstance(current, _WrappingCheckpointIO) and type(current.checkpoint_io) is TorchCheckpointIO:
         current.checkpoint_io = AtomicCheckpointIO()
+
+
+# ------------------------------------------------------------------------------------------ secrets
+REDACTED = "***"
+
+#: Environment variables whose values are secrets.
+SECRET_NAME = re.compile(r"(?:^|_)(?:KEY|TOKEN|SECRET|PASSWORD|PASSWD)$", re.IGNORECASE)
+
+#: Shorter values are not treated as secrets: they would match ordinary text by chance.
+MIN_SECRET_LEN = 6
+
+
+def secret_values(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of the secret-named environment variables (longest first), read now."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v.strip()) >= MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def _redact_text(text: str, secrets: Iterable[str]) -> str:
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def redact(obj: Any, secrets: Iterable[str] | None = None) -> Any:
+    """``obj`` with every occurrence of a secret in its strings replaced by ``***``.
+
+    Walks dicts, lists and tuples (keys too; they come back as plain ``dict``/``list``/``tuple``);
+    other objects (tensors, numbers) are kept as they are. ``obj`` itself when there are no secrets.
+    """
+    secrets = secret_values() if secrets is None else list(secrets)
+    return _redact(obj, secrets) if secrets else obj
+
+
+def _redact(obj: Any, secrets: list[str]) -> Any:
+    if isinstance(obj, str):
+        return _redact_text(obj, secrets)
+    if isinstance(obj, dict):
+        return {_redact(k, secrets): _redact(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact(v, secrets) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_redact(v, secrets) for v in obj)
+    return obj
+
+
+class RedactingFilter(logging.Filter):
+    """Replaces secrets in log records (message and traceback) by ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = secret_values()
+        if not secrets:
+            return True
+        message = record.getMessage()
+        clean = _redact_text(message, secrets)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _redact_text(record.exc_text, secrets)
+        return True
+
+
+def install_log_redaction(logger: logging.Logger | None = None) -> None:
+    """Add a :class:`RedactingFilter` to every handler of ``logger`` (default: the root logger)."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
+
+
+def redact_files(paths: Iterable[str | Path]) -> list[Path]:
+    """Rewrite the given text files with secrets replaced by ``***`` (atomically); return those changed."""
+    secrets = secret_values()
+    changed = []
+    for p in map(Path, paths):
+        if not secrets or not p.is_file():
+            continue
+        text = p.read_text(encoding="utf-8", errors="surrogateescape")
+        clean = _redact_text(text, secrets)
+        if clean != text:
+            tmp = p.with_name(f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(clean, encoding="utf-8", errors="surrogateescape")
+            os.replace(tmp, p)
+            changed.append(p)
+    return changed
+
+
+class RedactSecretsCallback(Callback):
+    """Hydra callback: keep secrets out of what a run writes.
+
+    At the start of each job (after Hydra has written ``.hydra/config.yaml``, ``hydra.yaml`` and
+    ``overrides.yaml`` and set up logging), rewrites those files, and a multirun's ``multirun.yaml``,
+    with secrets replaced by ``***``, and adds :class:`RedactingFilter` to the log handlers.
+    """
+
+    def on_job_start(self, config, **kwargs: Any) -> None:
+        install_log_redaction()
+        hydra_cfg = config.hydra
+        files = []
+        if hydra_cfg.get("output_subdir"):
+            folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+            files += sorted(folder.glob("*.yaml"))
+        if hydra_cfg.get("mode") == RunMode.MULTIRUN:
+            with contextlib.suppress(Exception):
+                files.append(Path(str(hydra_cfg.sweep.dir)) / "multirun.yaml")
+        for p in redact_files(files):
+            log.info("Secrets in %s replaced by %s", p, REDACTED)
