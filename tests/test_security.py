@@ -1,9 +1,12 @@
 """Safe by default (issue #19): untrusted checkpoints never run code, saves never lose the last good
-state, secrets stay out of what a run writes."""
+state, downloads are verified, secrets stay out of what a run writes."""
 
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
+import http.server
 import io
 import logging
 import os
@@ -12,6 +15,7 @@ import runpy
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +26,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 import flatsophia.security as security
 from conftest import TINY, TINY_DEFAULT
+from flatsophia.data.tinyshakespeare_datamodule import TINYSHAKESPEARE_SHA256, TinyShakespeareDataModule
 from flatsophia.security import (
     REDACTED,
     AtomicCheckpointIO,
@@ -246,6 +251,59 @@ def test_every_trainer_config_saves_atomically(make_cfg, option):
     trainer = _build_common(cfg)["trainer"]
     assert type(trainer.strategy.checkpoint_io) is AtomicCheckpointIO
     assert type(pickle.loads(pickle.dumps(trainer.strategy.checkpoint_io))) is AtomicCheckpointIO
+
+
+# ------------------------------------------------------------------------------------ downloads
+@pytest.fixture
+def file_server(tmp_path):
+    """A local HTTP server over ``tmp_path/www``: (that folder, its base URL)."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=functools.partial(server.serve_forever, poll_interval=0.05), daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+TEXT = b"First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200
+
+
+def test_download_with_the_expected_hash_is_kept(tmp_path, file_server):
+    www, base = file_server
+    (www / "input.txt").write_bytes(TEXT)
+    dm = TinyShakespeareDataModule(
+        data_dir=str(tmp_path / "data"), download=True, url=f"{base}/input.txt", sha256=hashlib.sha256(TEXT).hexdigest()
+    )
+    dm.prepare_data()
+    assert dm.path.read_bytes() == TEXT
+    assert [p.name for p in dm.path.parent.iterdir()] == ["input.txt"]
+
+
+def test_download_with_another_hash_is_refused(tmp_path, file_server):
+    www, base = file_server
+    (www / "input.txt").write_bytes(TEXT)
+    url = f"{base}/input.txt"
+    dm = TinyShakespeareDataModule(data_dir=str(tmp_path / "data"), download=True, url=url)  # the pinned hash
+    with pytest.raises(ValueError, match="failed verification") as err:
+        dm.prepare_data()
+    message = str(err.value)
+    assert TINYSHAKESPEARE_SHA256 in message and hashlib.sha256(TEXT).hexdigest() in message
+    assert url in message and str(dm.path) in message
+    assert not list(dm.path.parent.iterdir())  # neither input.txt nor the partial download
+
+
+def test_pinned_hash_is_the_configured_one():
+    raw = yaml.safe_load((ROOT / "conf" / "data" / "tinyshakespeare.yaml").read_text())
+    assert raw["sha256"] == TINYSHAKESPEARE_SHA256
+    with pytest.raises(ValueError, match="data.sha256"):
+        TinyShakespeareDataModule(sha256="not-a-hash")
 
 
 # ------------------------------------------------------------------------------------ secrets
