@@ -95,13 +95,17 @@ def checkpoint_run(make_cfg, *overrides):
     )
 
 
-def test_resume_from_checkpoint(make_cfg, tmp_path):
-    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=1")
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_resume_from_checkpoint(make_cfg, tmp_path, optimizer):
+    """Every optimizer's checkpoint is tensors and plain data (weights_only=True), and resumes."""
+    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=1", f"optimizer={optimizer}")
     _, objects = train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert last.is_file() and objects["trainer"].global_step == 3
+    saved = torch.load(last, weights_only=True)  # the module's extra entry and the hparams included
+    assert saved["flatsophia"]["optimizer_name"] == saved["hyper_parameters"]["optimizer_name"] == optimizer
     opt_state = objects["model"].optimizers().optimizer.state_dict()
-    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=2", f"ckpt_path={last}")
+    cfg = checkpoint_run(make_cfg, "trainer.max_epochs=2", f"ckpt_path={last}", f"optimizer={optimizer}")
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 6  # 3 restored + 3 new optimizer steps
     resumed = objects["model"].optimizers().optimizer.state_dict()
@@ -217,7 +221,7 @@ def test_test_final_scores_the_last_weights_and_test_the_best(make_cfg):
     finite(metrics, "test/loss", "test/acc", "test_final/loss", "test_final/acc")
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     best = objects["trainer"].checkpoint_callback.best_model_path
-    assert torch.load(last, weights_only=False)["global_step"] == 9  # the end, not the best epoch
+    assert torch.load(last, weights_only=True)["global_step"] == 9  # the end, not the best epoch
     # test_final/* = the weights at the end of training (last.ckpt); test/* = the best checkpoint
     for ckpt, prefix in ((last, "test_final"), (best, "test")):
         scores, _ = evaluate(make_cfg([f"ckpt_path={ckpt}"], config_name="eval"))

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from flatsophia.security import UntrustedCheckpointError, load_checkpoint_file, use_atomic_checkpoint_io
 from flatsophia.utils import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -43,7 +44,9 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule, **overrides
     cls = hydra.utils.get_class(target)
     log.info("Instantiating model <%s>", cfg.model.get("_target_"))
     net = hydra.utils.instantiate(cfg.model)
-    optimizer = hydra.utils.instantiate(cfg.optimizer)
+    # Plain lists/dicts in the factory's kwargs (recorded in checkpoints) even without `_convert_: all`:
+    # checkpoints stay loadable with weights_only=True.
+    optimizer = hydra.utils.instantiate(cfg.optimizer, _convert_="all")
     log.info("Instantiating module <%s> with optimizer <%s>", target, cfg.optimizer.get("_target_"))
     return cls(
         net=net,
@@ -70,6 +73,7 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    use_atomic_checkpoint_io(trainer)  # checkpoints written to a temp file and renamed: no half-written last.ckpt
     objects = {
         "cfg": cfg,
         "datamodule": datamodule,
@@ -81,6 +85,13 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
     if loggers:
         log_hyperparameters(objects)
     return objects
+
+
+def _ckpt_trusted(cfg: DictConfig) -> bool:
+    trusted = cfg.get("ckpt_trusted", False)
+    if not isinstance(trusted, bool):
+        raise ValueError(f"Invalid ckpt_trusted: {trusted!r} (expected true or false)")
+    return trusted
 
 
 def _metrics(trainer: L.Trainer) -> dict[str, float]:
@@ -95,19 +106,20 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fit on the train split (validating on val), then test the best checkpoint.
 
     Config keys read: ``seed``, ``data``, ``model``, ``optimizer``, ``scheduler``, ``hessian``,
-    ``module``, ``callbacks``, ``logger``, ``trainer``, ``train``, ``test``, ``test_final``, ``ckpt_path`` (resume).
+    ``module``, ``callbacks``, ``logger``, ``trainer``, ``train``, ``test``, ``test_final``, ``ckpt_path`` (resume),
+    ``ckpt_trusted``.
     """
+    weights_only = not _ckpt_trusted(cfg)
     objects = _build_common(cfg)
     trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
         ckpt_path = cfg.get("ckpt_path")
         if ckpt_path:
-            load_checkpoint(ckpt_path)  # clear error before Lightning's
+            load_checkpoint(ckpt_path, trusted=not weights_only)  # clear error before Lightning's
             log.info("Resuming from %s", ckpt_path)
         log.info("Starting training")
-        # Our checkpoints hold the optimizer factory and RNG states, not only tensors.
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=False if ckpt_path else None)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=weights_only)
         metrics.update(_metrics(trainer))
     if cfg.get("test_final", False):
         metrics.update(_test_final(trainer, model, datamodule))
@@ -118,7 +130,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             best = None
         else:
             log.info("Testing the best checkpoint %s", best)
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False if best else None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=weights_only)
         metrics.update(_metrics(trainer))
     return metrics, objects
 
@@ -139,13 +151,20 @@ def _test_final(trainer: L.Trainer, model, datamodule) -> dict[str, float]:
     return out
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a Lightning checkpoint on the CPU, with a clear error if it is missing or unreadable."""
+def load_checkpoint(path: str | Path, trusted: bool = False) -> dict:
+    """Load a Lightning checkpoint on the CPU, with a clear error if it is missing or unreadable.
+
+    Only tensors and plain data are unpickled (``weights_only=True``); a file holding other Python
+    objects raises :class:`~flatsophia.security.UntrustedCheckpointError` before any of it runs.
+    ``trusted=True`` (``ckpt_trusted=true``) unpickles it fully, with a warning.
+    """
     p = Path(str(path))
     if not p.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {p} (ckpt_path={str(path)!r})")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(p, trusted=trusted)
+    except UntrustedCheckpointError:
+        raise
     except Exception as err:
         raise ValueError(f"Checkpoint {p} is corrupt or not a PyTorch checkpoint: {err}") from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
@@ -162,7 +181,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     if not cfg.get("ckpt_path"):
         raise ValueError("ckpt_path is required: python src/eval.py ckpt_path=/path/to/run/checkpoints/last.ckpt")
-    ckpt = load_checkpoint(cfg.ckpt_path)
+    weights_only = not _ckpt_trusted(cfg)
+    ckpt = load_checkpoint(cfg.ckpt_path, trusted=not weights_only)
     saved = (ckpt.get("flatsophia") or {}).get("optimizer_name")
     objects = _build_common(cfg, **({"optimizer_name": saved} if saved else {}))
     trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
@@ -175,5 +195,5 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         ) from err
     del ckpt
     log.info("Testing checkpoint %s", cfg.ckpt_path)
-    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=weights_only)
     return _metrics(trainer), objects

@@ -21,8 +21,8 @@ def _fit(tmp_path, name, epochs, ckpt_path=None, **module_kwargs):
     module = make_module(name, **module_kwargs)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     t = trainer(tmp_path, callbacks=[ckpt, DumpState(str(tmp_path))], max_epochs=epochs)
-    t.fit(module, loader(dataset(n=64)), ckpt_path=ckpt_path)
-    return torch.load(tmp_path / "rank0.pt", weights_only=False), module
+    t.fit(module, loader(dataset(n=64)), ckpt_path=ckpt_path, weights_only=True)
+    return torch.load(tmp_path / "rank0.pt", weights_only=True), module
 
 
 CASES = [(n, {}) for n in sorted(OPTIMIZERS)] + [
@@ -70,7 +70,7 @@ def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
     assert "SIGTERM" in type(info.value).__name__
     saved = tmp_path / "ckpt" / "epoch=0-step=5.ckpt"
     assert saved.exists()
-    state = torch.load(saved, weights_only=False)
+    state = torch.load(saved, weights_only=True)
     assert state["global_step"] == 5 and state["flatsophia"]["hessian_refreshes"] == 2
     resumed, module = _fit(tmp_path / "resumed", "flat_sophia", 2, ckpt_path=str(saved))
     assert resumed["global_step"] == 16

@@ -7,6 +7,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
+from flatsophia.security import redact
+
 __all__ = ["log_hyperparameters"]
 
 #: Top-level config nodes not sent to loggers.
@@ -31,5 +33,6 @@ def log_hyperparameters(object_dict: dict[str, Any]) -> None:
             hparams[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
     hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
     hparams["model/params/trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    hparams = redact(hparams)  # values of *_KEY/*_TOKEN/... environment variables -> ***
     for logger in trainer.loggers:
         logger.log_hyperparams(hparams)

@@ -11,6 +11,8 @@ import rich.tree
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from flatsophia.security import redact
+
 __all__ = ["print_config_tree"]
 
 DEFAULT_ORDER = (
@@ -45,6 +47,7 @@ def print_config_tree(
         branch = tree.add(str(key), style="bold", guide_style="dim")
         node = cfg[key]
         text = OmegaConf.to_yaml(node, resolve=resolve) if isinstance(node, DictConfig) else str(node)
+        text = redact(text)  # values of *_KEY/*_TOKEN/... environment variables -> ***
         branch.add(rich.syntax.Syntax(text, "yaml"))
     rich.print(tree)
     if save_to_file:
