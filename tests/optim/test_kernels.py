@@ -138,7 +138,9 @@ def test_compiled_step_equals_the_eager_step(cls, foreach):
     g = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(5, 7, generator=g, dtype=torch.float64)) for _ in range(2)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
-    kw = dict(lr=1e-2, weight_decay=0.1, foreach=foreach) | ({"sharp_fraction": 0.3} if cls is FlatSophia else {})
+    # some coordinates clipped, some not
+    extra = {"sharp_fraction": 0.3, "gamma": 10.0} if cls is FlatSophia else {"rho": 1.0, "bs": 20}
+    kw = dict(lr=1e-2, weight_decay=0.1, foreach=foreach) | extra
     compiled, eager = cls(ps, **kw), cls(qs, **kw)
     step = torch.compile(compiled.step)
     for t in range(6):
@@ -146,18 +148,19 @@ def test_compiled_step_equals_the_eager_step(cls, foreach):
         for p, q, grad in zip(ps, qs, grads):
             p.grad, q.grad = grad.clone(), grad.clone()
         if t % 3 == 0:
-            est = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ps]
+            est = [torch.randn(p.shape, generator=g, dtype=torch.float64).abs() for p in ps]
             compiled.update_hessian(est)
             eager.update_hessian([e.clone() for e in est])
         with torch._dynamo.config.patch(error_on_recompile=t > 0):
             step()
-        eager.step()
+        eager.step(collect_stats=t == 5)
         for p, q in zip(ps, qs):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
     for p, q in zip(ps, qs):
         for key, value in compiled.state[p].items():
             torch.testing.assert_close(value, eager.state[q][key], rtol=0, atol=1e-14)
     assert compiled.state[ps[0]]["step"].item() == 6
+    assert 0.1 < eager.stats()["win_rate"].item() < 0.9  # both regimes of the clip took part
     if cls is FlatSophia:
         assert any(bool((s["mask"] != 1).any()) for s in compiled.state.values())
     torch._dynamo.reset()

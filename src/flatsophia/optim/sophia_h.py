@@ -236,7 +236,7 @@ def _single_tensor_sophia_h(
 ):
     for i, (param, grad, exp_avg, hess, step_t) in enumerate(zip(params, grads, exp_avgs, hessians, state_steps)):
         step_t += 1
-        bias_correction = 1 - beta1 ** get_value(step_t)
+        bias_correction = _bias_correction(beta1, step_t)
         if exp_avg.dtype == param.dtype:
             mu = exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
         else:  # mu_dtype: formed in the wider dtype, stored rounded, used unrounded
@@ -264,7 +264,7 @@ def _multi_tensor_sophia_h(
     lists = [params, grads, exp_avgs, hessians, state_steps] + ([masks] if masks is not None else [])
     for ps, gs, ms, hs, steps, *rest in by_device_and_dtype(*lists):
         torch._foreach_add_(steps, 1)
-        bias_corrections = [1 - beta1 ** get_value(s) for s in steps]
+        bias_corrections = [_bias_correction(beta1, s) for s in steps]
         torch._foreach_mul_(ms, beta1)
         torch._foreach_add_(ms, gs, alpha=1 - beta1)
         u = torch._foreach_div(ms, bias_corrections)
@@ -278,6 +278,15 @@ def _multi_tensor_sophia_h(
             torch._foreach_div_(u, rest[0])
         torch._foreach_add_(u, ps, alpha=weight_decay)
         torch._foreach_add_(ps, u, alpha=-lr)
+
+
+def _bias_correction(beta1: float, step_t: torch.Tensor) -> float | torch.Tensor:
+    """``1 - beta1 ** t``: a float from the host count, or, while ``torch.compile`` traces, a 0-d
+    tensor computed in float64 like the float (the counter itself is float32)."""
+    step = get_value(step_t)
+    if isinstance(step, torch.Tensor):
+        step = step.to(torch.float64)
+    return 1 - beta1**step
 
 
 def _parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
