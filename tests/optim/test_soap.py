@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import math
 import re
@@ -453,7 +452,7 @@ def test_non_finite_first_gradient_falls_back_to_identity():
     with pytest.warns(RuntimeWarning, match="identity"):
         _step(opt, [p], [g])
     for q in opt.state[p]["Q"]:
-        assert torch.isfinite(q).all()
+        assert torch.equal(q, torch.eye(q.shape[0]))
 
 
 def test_params_without_grad_and_empty_params_are_skipped():
@@ -528,15 +527,6 @@ def test_state_dict_round_trip_continues_in_lockstep(dtype):
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(pa, pb)
     assert opt_b.state[next(net_b.parameters())]["step"].item() == 13
-
-
-def test_deepcopy_keeps_working():
-    p = nn.Parameter(torch.randn(4, 3))
-    opt = SOAP([p], precondition_frequency=2)
-    for _ in range(3):
-        _step(opt, [p], [torch.randn(4, 3)])
-    clone = copy.deepcopy(opt)
-    assert clone.state_dict()["state"][0]["step"].item() == 2
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,19 +81,24 @@ def _max_diffs(ours: SophiaG, ref, m_ours: nn.Module, m_ref: nn.Module) -> tuple
 
 
 def _train(ours, ref, m_ours, m_ref, gen, dtype, start, steps, bs, bs_mode, stats):
-    """The nanoGPT loop: grad clip, step, Hessian refresh on a fresh batch when ``it % 10 == 9``."""
+    """The nanoGPT loop: grad clip, step, Hessian refresh on a fresh batch when ``it % 10 == 9``.
+
+    Every other step collects stats (``stats[it]`` = win rate; those steps take the single-tensor
+    kernel), the others take the optimizer's own kernel choice."""
     worst_p = worst_s = 0.0
     for it in range(start, start + steps):
         x, y = _batch(gen, dtype)
         F.cross_entropy(m_ours(x), y).backward()
         torch.nn.utils.clip_grad_norm_(m_ours.parameters(), 1.0)
         _copy_grads(m_ours, m_ref)
+        collect = it % 2 == 0
         if bs_mode == "per_call":
-            ours.step(bs=bs, collect_stats=True)
+            ours.step(bs=bs, collect_stats=collect)
         else:
-            ours.step(collect_stats=True)
+            ours.step(collect_stats=collect)
         ref.step(bs=bs)
-        stats.append(ours.stats()["win_rate"].item())
+        if collect:
+            stats[it] = ours.stats()["win_rate"].item()
         m_ours.zero_grad(set_to_none=True)
         m_ref.zero_grad(set_to_none=True)
         if it % 10 == 9:
@@ -114,7 +119,9 @@ def _train(ours, ref, m_ours, m_ref, gen, dtype, start, steps, bs, bs_mode, stat
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("bs_mode", ["per_call", "group"])
-def test_parity_with_sophia_opt(dtype, bs_mode):
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "multi"])
+def test_parity_with_sophia_opt(dtype, bs_mode, foreach):
+    """Same operations in the same order as the authors' code: bit-identical parameters and state."""
     RefSophiaG = _reference_cls()
     torch.manual_seed(0)
     m_ours = Net().to(dtype)
@@ -122,23 +129,20 @@ def test_parity_with_sophia_opt(dtype, bs_mode):
     bs = 2048  # "tokens" per step: puts the clip ratio on both sides of 1
     kw = dict(lr=1e-3, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2)
     if bs_mode == "per_call":
-        ours = SophiaG(_groups(m_ours), **kw)
+        ours = SophiaG(_groups(m_ours), foreach=foreach, **kw)
     else:
-        ours = SophiaG(_groups(m_ours, with_bs=bs), bs=bs, **kw)
+        ours = SophiaG(_groups(m_ours, with_bs=bs), bs=bs, foreach=foreach, **kw)
         assert all(g["bs"] == bs for g in ours.param_groups)
     ref = RefSophiaG(_groups(m_ref), **kw)
     gen = torch.Generator().manual_seed(1)
-    win_rates: list[float] = []
+    win_rates: dict[int, float] = {}
     worst_p, worst_s = _train(ours, ref, m_ours, m_ref, gen, dtype, 0, 60, bs, bs_mode, win_rates)
     print(f"\n[SophiaG parity {dtype} bs={bs_mode}] 60 steps: max|dparam|={worst_p:.3e} max|dstate|={worst_s:.3e}")
     # The first 9 steps run with h = 0 (all clipped); afterwards both regimes must be exercised.
+    later = [w for it, w in win_rates.items() if it >= 10]
     assert win_rates[0] == 0.0
-    assert 0.05 < max(win_rates[10:]) and min(win_rates[10:]) < 0.95
-    # fp32: both sides carry their own rounding drift (the authors' fp32 run drifts ~9e-7 from
-    # their fp64 run over these steps, ours ~3e-7: test_fp32_drift_no_larger_than_authors).
-    assert worst_p <= 2e-6 and worst_s <= 1e-6
-    if dtype == torch.float64:
-        assert worst_p <= 1e-12 and worst_s <= 1e-12
+    assert 0.05 < max(later) and min(later) < 0.95
+    assert worst_p == 0.0 and worst_s == 0.0
 
     # state_dict round trip: fresh optimizers loaded from the saved states continue in lockstep.
     buf_o, buf_r = io.BytesIO(), io.BytesIO()
@@ -157,7 +161,7 @@ def test_parity_with_sophia_opt(dtype, bs_mode):
         assert ours2.state[p]["exp_avg"].dtype == dtype
     worst_p2, worst_s2 = _train(ours2, ref2, m_ours, m_ref, gen, dtype, 60, 20, bs, bs_mode, win_rates)
     print(f"[SophiaG parity {dtype} bs={bs_mode}] +20 steps after reload: {worst_p2:.3e} / {worst_s2:.3e}")
-    assert worst_p2 <= 2e-6 and worst_s2 <= 1e-6
+    assert worst_p2 == 0.0 and worst_s2 == 0.0
     for p in m_ours.parameters():
         assert ours2.state[p]["step"].item() == 80
 
@@ -179,8 +183,8 @@ def test_maximize_parity_float64():
             p1.grad, p2.grad = e.clone(), e.clone()
             ours.update_hessian()
             ref.update_hessian()
-    # Same update up to rounding (ours moves the division by rho*bs out of the per-element work).
-    torch.testing.assert_close(p1, p2, rtol=1e-13, atol=1e-15)
+    assert torch.equal(p1, p2)
+    assert torch.equal(ours.state[p1]["exp_avg"], ref.state[p2]["exp_avg"])
     assert torch.equal(ours.state[p1]["hessian"], ref.state[p2]["hessian"])
 
 
@@ -240,7 +244,7 @@ def test_stats_by_hand():
     opt = SophiaG([w, c], lr=lr, rho=rho, betas=(b1, 0.99), weight_decay=0.0, bs=bs)
     # Hessian EMA with mixed magnitudes so that some coordinates clip and some do not.
     for p in (w, c):
-        st = opt._init_state(p)
+        st = opt._init_state(p, opt.param_groups[0])
         st["hessian"].copy_(torch.rand(p.shape) * 0.02)
     w.grad, c.grad = torch.randn(6, 5), torch.randn(5)
     opt.step(collect_stats=True)
@@ -264,7 +268,8 @@ def test_stats_by_hand():
     assert all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in opt.stats().values())
 
 
-def test_nonfinite_estimate_is_skipped():
+def test_nonfinite_grad_estimate_is_skipped():
+    """The no-argument form (reading ``p.grad``) skips a non-finite sample too (the list form: test_common)."""
     torch.manual_seed(0)
     p = torch.randn(5, requires_grad=True)
     q = torch.randn(2, 2, requires_grad=True)
@@ -274,22 +279,14 @@ def test_nonfinite_estimate_is_skipped():
     opt.step()
     before = copy.deepcopy(opt.state_dict())
     for bad in (float("nan"), float("inf"), -float("inf")):
-        e = torch.randn(2, 2)
-        e[1, 0] = bad
+        q.grad = torch.randn(2, 2)
+        q.grad[1, 0] = bad
         with pytest.warns(RuntimeWarning, match="NaN/inf"):
-            assert opt.update_hessian([torch.randn(5), e]) is False
-        q.grad = e.clone()
-        with pytest.warns(RuntimeWarning):
             assert opt.update_hessian() is False
         after = opt.state_dict()
         for k, st in before["state"].items():
             for key, v in st.items():
                 assert torch.equal(v, after["state"][k][key])
-    # A fresh optimizer gets no state from a skipped estimate.
-    fresh = SophiaG([p])
-    with pytest.warns(RuntimeWarning):
-        assert fresh.update_hessian([torch.full((5,), float("nan"))]) is False
-    assert len(fresh.state) == 0
 
 
 def test_negative_hessian_step_is_bounded():
@@ -297,7 +294,7 @@ def test_negative_hessian_step_is_bounded():
     p = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
     lr, wd = 0.05, 0.1
     opt = SophiaG([p], lr=lr, weight_decay=wd, rho=0.04)
-    opt._init_state(p)["hessian"].copy_(torch.tensor([-1.0, -1e-3, 0.0], dtype=torch.float64))
+    opt._init_state(p, opt.param_groups[0])["hessian"].copy_(torch.tensor([-1.0, -1e-3, 0.0], dtype=torch.float64))
     p.grad = torch.tensor([0.3, -0.2, 1e-4], dtype=torch.float64)
     before = p.detach().clone()
     opt.step(bs=10)
@@ -338,58 +335,10 @@ def test_closure_and_maximize_flag():
     assert q.item() == pytest.approx(1.1)
 
 
-def test_fp32_drift_no_larger_than_authors():
-    """In float32, ours stays at least as close as the authors' float32 run to their float64 run.
-
-    Float64 is the reference here: both float32 runs see the same (rounded) gradients, so any
-    difference in distance comes from the update's arithmetic.
-    """
-    RefSophiaG = _reference_cls()
-    torch.manual_seed(0)
-    m64 = Net().double()
-    m_ref32, m_ours32 = copy.deepcopy(m64).float(), copy.deepcopy(m64).float()
-    kw = dict(lr=1e-3, betas=(0.965, 0.99), rho=0.05, weight_decay=0.2)
-    ref64, ref32 = RefSophiaG(_groups(m64), **kw), RefSophiaG(_groups(m_ref32), **kw)
-    ours32 = SophiaG(_groups(m_ours32), **kw)
-    gen = torch.Generator().manual_seed(1)
-
-    def grads_to_fp32():
-        for m in (m_ref32, m_ours32):
-            for src, dst in zip(m64.parameters(), m.parameters(), strict=True):
-                dst.grad = src.grad.float()
-
-    def drift(m):
-        return max((a.double() - b).abs().max().item() for a, b in zip(m.parameters(), m64.parameters(), strict=True))
-
-    for it in range(80):
-        x, y = _batch(gen, torch.float64)
-        F.cross_entropy(m64(x), y).backward()
-        torch.nn.utils.clip_grad_norm_(m64.parameters(), 1.0)
-        grads_to_fp32()
-        for opt in (ref64, ref32, ours32):
-            opt.step(bs=2048)
-        if it % 10 == 9:
-            for m in (m64, m_ref32, m_ours32):
-                m.zero_grad(set_to_none=True)
-            x2, _ = _batch(gen, torch.float64)
-            logits = m64(x2)
-            with torch.no_grad():
-                yhat = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)
-            F.cross_entropy(logits, yhat).backward()
-            grads_to_fp32()
-            for opt in (ref64, ref32, ours32):
-                opt.update_hessian()
-            theirs, ours = drift(m_ref32), drift(m_ours32)
-            assert 0 < theirs < 1e-5, theirs  # float32 rounding, not a different algorithm
-            assert ours <= 1.05 * theirs, (it, ours, theirs)
-        for m in (m64, m_ref32, m_ours32):
-            m.zero_grad(set_to_none=True)
-
-
 @pytest.mark.parametrize("rho", [0.0, 1e-25], ids=["rho0", "rho_tiny"])
-@pytest.mark.parametrize("foreach", [False, True], ids=["loop", "foreach"])
-def test_rho_below_the_scaled_form_matches_the_authors(rho, foreach):
-    """``rho * bs`` under ``_G_MIN_SCALE``: the unscaled form (sign steps while ``|m| > rho*bs*h + eps``)."""
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "multi"])
+def test_rho_zero_or_tiny_matches_the_authors(rho, foreach):
+    """``rho * bs`` ~ 0: the denominator is ~1e-15, so sign steps while ``|m| > rho*bs*h + eps``."""
     RefSophiaG = _reference_cls()
     torch.manual_seed(0)
     m_ours = Net().double()
@@ -409,8 +358,7 @@ def test_rho_below_the_scaled_form_matches_the_authors(rho, foreach):
         ref.step(bs=480)
         m_ours.zero_grad(set_to_none=True)
         m_ref.zero_grad(set_to_none=True)
-    dp, ds = _max_diffs(ours, ref, m_ours, m_ref)
-    assert dp <= 1e-12 and ds <= 1e-12
+    assert _max_diffs(ours, ref, m_ours, m_ref) == (0.0, 0.0)
     # Sign steps: every coordinate with a gradient moved by about lr per step.
     moved = min((a - b).abs().max().item() for a, b in zip(m_ours.parameters(), start))
     assert moved > 5e-3

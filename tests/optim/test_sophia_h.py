@@ -174,6 +174,15 @@ def test_mask_persists_between_refreshes_and_none_estimate_keeps_mask():
     assert not torch.equal(opt.state[params[0]]["mask"], masks[0])
 
 
+def test_mask_options_are_one_for_all_groups():
+    a, b = _rand_params([(3,), (2,)])
+    opt = FlatSophia([{"params": [a]}, {"params": [b], "lr": 0.1}], sharp_fraction=0.3, mask_source="ema")
+    assert [(g["sharp_fraction"], g["mask_source"]) for g in opt.param_groups] == [(0.3, "ema")] * 2
+    for key, value in (("sharp_fraction", 0.5), ("dampening_factor", 3), ("mask_source", "random"), ("mask_seed", 1)):
+        with pytest.raises(ValueError, match=f"Invalid {key}: .* every group must use the first group's"):
+            FlatSophia([{"params": [a]}, {"params": [b], key: value}])
+
+
 @pytest.mark.parametrize("kw", [{"sharp_fraction": 0.0}, {"dampening_factor": 1}])
 def test_degenerate_flat_sophia_equals_sophia_h(kw):
     sizes = [(5, 4), (4,), (2, 2)]
@@ -388,7 +397,7 @@ def test_bf16_params():
             grad = torch.randn(a.shape, generator=g).bfloat16()
             a.grad, b.grad = grad, grad.float()
         o16.step(collect_stats=True)
-        o32.step()
+        o32.step(collect_stats=True)
     for a, b, s in zip(p16, p32, start, strict=True):
         st = o16.state[a]
         assert st["exp_avg"].dtype == st["hessian"].dtype == a.dtype == torch.bfloat16
@@ -396,7 +405,10 @@ def test_bf16_params():
         assert torch.equal(st["mask"], o32.state[b]["mask"])
         assert not torch.equal(a, s)
         torch.testing.assert_close(a.float(), b, rtol=0, atol=0.03)
-    assert torch.isfinite(o16.stats()["update_rms"])
+    s16, s32 = o16.stats(), o32.stats()
+    assert s16["update_rms"].dtype == torch.float32 and 0 < s32["update_rms"].item() <= 1
+    assert s16["update_rms"].item() == pytest.approx(s32["update_rms"].item(), rel=0.05)
+    assert s16["win_rate"].item() == pytest.approx(s32["win_rate"].item(), abs=0.1)
 
 
 def _save_load(opt, new_opt):

@@ -17,9 +17,8 @@ Sections:
 
 * ``step``: the optimizer step alone: eager; ``torch.compile`` of a function calling ``step()``
   (with ``capture_scalar_outputs=True`` and ``recompile_limit=64``; a compile failure, a timeout or a
-  step that recompiles every call is reported in the table, not raised); and, for our optimizers
-  that take it, ``compile=True`` (their own fused compiled kernels). SOAP samples are means of 10
-  consecutive steps (one eigenbasis refresh each).
+  step that recompiles every call is reported in the table, not raised). SOAP samples are means
+  of 10 consecutive steps (one eigenbasis refresh each).
 * ``refresh``: the Hessian refresh alone (Hutchinson reverse-over-reverse HVP + ``update_hessian``
   for SophiaH / FlatSophia, the latter including its global top-k mask; sampled-label
   Gauss-Newton-Bartlett gradient + ``update_hessian`` for SophiaG and for the authors' SophiaG),
@@ -34,8 +33,7 @@ Sections:
   own forward (the authors' loop); eager step with the refresh sharing the training forward
   (``refresh: fused``: the estimator's ``from_loss`` API, the code path of the training module:
   Hutchinson differentiates the training gradient once more, Gauss-Newton-Bartlett samples labels
-  from the training logits and back-propagates the sampled-label loss through the same graph); and,
-  when compiling is on, ``compile=True`` steps with the fused refresh.
+  from the training logits and back-propagates the sampled-label loss through the same graph).
 * ``state``: optimizer state bytes per parameter (``sum(t.nbytes for tensors in
   optimizer.state) / n_params``), reported excluding the 0-d ``step`` counter tensors (the
   headline, used by the targets) and including them.
@@ -296,70 +294,22 @@ OPTIMIZERS = {
 }
 SOPHIA_FAMILY = ("sophia_g", "sophia_h", "flat_sophia")
 #: how the step variants are shown: ``compiled`` = torch.compile of the step function from the
-#: outside; ``builtin`` = the optimizer's own ``compile=True`` (fused, compiled kernels); ``loop`` =
-#: our eager step with ``foreach=False`` (on CUDA only, where the default eager step is multi-tensor);
-#: ``graphs`` = ``compile="reduce-overhead"`` (compiled step replayed as a CUDA graph; CUDA only);
-#: ``cpp`` = ``fused=True`` (our C++ step kernel; CPU only)
+#: outside; ``loop`` = our eager step with ``foreach=False`` (on CUDA only, where the default eager
+#: step is multi-tensor)
 PATH_NAMES = {
     "eager": "eager",
     "loop": "eager, foreach=False",
     "compiled": "torch.compile(step)",
-    "builtin": "compile=True",
-    "graphs": "compile='reduce-overhead'",
-    "cpp": "fused=True",
 }
 EAGER_PATHS = ("eager", "loop")
 
 
-def has_builtin_compile(name: str) -> bool:
-    """Whether our optimizer ``name`` takes ``compile=True`` (its own fused, compiled step kernel)."""
-    import inspect
-
-    cls = {"sophia_g": SophiaG, "sophia_h": SophiaH, "flat_sophia": FlatSophia}.get(name)
-    if name == "soap":
-        cls = _our_soap()[0]
-    if cls is None:
-        return False
-    try:
-        return "compile" in inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def builtin_compile_failures() -> list[str]:
-    """Reasons recorded by our optimizers' compiled kernels when they fell back to eager."""
-    out = []
-    try:
-        from flatsophia.optim import _kernels
-
-        for key, obj in vars(_kernels).items():
-            if getattr(obj, "failure", None):
-                out.append(f"{key}: {obj.failure}")
-    except Exception:  # noqa: BLE001
-        pass
-    return out
-
-
-def fused_failures(opt) -> str:
-    """Why ``opt`` (``fused=True``) did not take its C++ step, or ``""``."""
-    from flatsophia.optim import _fused
-
-    reasons = [_fused.failure()] + sorted(getattr(getattr(opt, "_fused", None), "_warned", ()))
-    return "; ".join(r for r in reasons if r)
-
-
-def make_optimizer(name: str, model: nn.Module, builtin_compile: bool | str = False, foreach: bool | None = None):
+def make_optimizer(name: str, model: nn.Module, foreach: bool | None = None):
     """The optimizer ``name`` over ``model``'s parameter groups, or raises ``_Unavailable``.
 
-    ``builtin_compile`` is passed as ``compile`` (our optimizers' own fused kernels) when set, except
-    ``"cpp"``, which asks for ``fused=True`` (the C++ step); ``foreach`` is passed to our
-    Sophia-family optimizers when it is not ``None``."""
+    ``foreach`` is passed to our Sophia-family optimizers when it is not ``None``."""
     groups = param_groups(model)
-    kw = {"compile": builtin_compile} if builtin_compile else {}
-    if builtin_compile == "cpp":
-        if name not in SOPHIA_FAMILY:
-            raise _Unavailable("fused=True is a Sophia-family option")
-        kw = {"fused": True}
+    kw = {}
     if foreach is not None and name in SOPHIA_FAMILY:
         kw["foreach"] = foreach
     if name == "adamw_fused":
@@ -713,10 +663,10 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
 
     # -------------------------------------------------------------- candidates
-    def fresh(self, name: str, builtin_compile: bool | str = False, foreach: bool | None = None):
+    def fresh(self, name: str, foreach: bool | None = None):
         """A model copy with the benchmark gradients and a primed optimizer: ``(model, opt, step_fn)``."""
         model = copy.deepcopy(self.model)
-        opt = make_optimizer(name, model, builtin_compile, foreach)
+        opt = make_optimizer(name, model, foreach)
         kind = OPTIMIZERS[name][1]
         if kind == "hutchinson":
             opt.update_hessian(self.est_hutch)
@@ -779,51 +729,21 @@ class Bench:
                 n_rep = 10 if name in ("soap", "po_soap") else 1
                 cuda_sophia = self.device.type == "cuda" and name in SOPHIA_FAMILY
                 variants = ["eager"] + (["loop"] if cuda_sophia else []) + ["compiled"]
-                variants += (["builtin"] if has_builtin_compile(name) else []) + (["graphs"] if cuda_sophia else [])
-                variants += ["cpp"] if self.device.type == "cpu" and name in SOPHIA_FAMILY else []
                 variants = [v for v in variants if v in a.paths]
                 for variant in variants:
                     row = dict(label=OPTIMIZERS[name][0], variant=variant, status="ok", note="", compile_s=None)
                     if n_rep > 1:
                         row["note"] = f"1 sample = mean of {n_rep} steps (1 eigenbasis refresh)"
                     rows[name][variant] = row
-                    if variant not in EAGER_PATHS + ("cpp",) and not a.compile:  # cpp: no torch.compile
+                    if variant not in EAGER_PATHS and not a.compile:
                         row.update(status="skipped", note="compile off (--no-compile / --smoke)")
                         continue
                     try:
-                        builtin = {"builtin": True, "graphs": "reduce-overhead", "cpp": "cpp"}.get(variant, False)
-                        model, opt, fn = self.fresh(
-                            name, builtin_compile=builtin, foreach=False if variant == "loop" else None
-                        )
+                        model, opt, fn = self.fresh(name, foreach=False if variant == "loop" else None)
                     except _Unavailable as e:
                         row.update(status="skipped", note=str(e))
                         continue
-                    if variant == "cpp":  # the first step builds (or loads the cached) extension
-                        t0 = time.perf_counter()
-                        fn()
-                        row["compile_s"] = round(time.perf_counter() - t0, 2)
-                        for _ in range(3):
-                            fn()
-                        why = fused_failures(opt)
-                        if why:
-                            row["note"] = _join(row["note"], "fell back: " + why[:200])
-                        self.log(f"  {name}: fused=True first step {row['compile_s']} s")
-                    elif variant in ("builtin", "graphs"):
-                        f0 = set(builtin_compile_failures())
-                        t0 = time.perf_counter()
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            fn()
-                            t1 = time.perf_counter()
-                            for _ in range(11):
-                                fn()
-                        row["compile_s"] = round(t1 - t0, 2)
-                        row["warmup_s"] = round(time.perf_counter() - t0, 2)
-                        fails = sorted(set(builtin_compile_failures()) - f0)
-                        if fails:
-                            row["note"] = _join(row["note"], "fell back to eager: " + "; ".join(fails)[:200])
-                        self.log(f"  {name}: {PATH_NAMES[variant]} first step {row['compile_s']} s")
-                    elif variant == "compiled":
+                    if variant == "compiled":
                         c0 = dynamo_counts()
                         try:
                             cfn = torch.compile(unique_function(fn, f"{name}_step"))
@@ -1049,24 +969,16 @@ class Bench:
         rows: dict[str, dict] = {}
         cands: dict[str, Callable] = {}
         keep = []
-        # (name, compile=True step, refresh sharing the training forward)
-        entries = [(n, False, False) for n in a.iter_optimizers]
-        entries += [(n, False, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
-        if a.compile:
-            entries += [(n, True, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY and has_builtin_compile(n)]
-            if self.device.type == "cuda" and "graphs" in a.paths:
-                entries += [(n, "reduce-overhead", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
-        if self.device.type == "cpu" and "cpp" in a.paths:  # the C++ step: no torch.compile, also with --smoke
-            entries += [(n, "cpp", True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
-        for name, builtin, fused in entries:
-            suffix = {True: "+compile", "reduce-overhead": "+graphs", "cpp": "+cpp"}.get(builtin, "")
-            key = name + suffix + ("+fused" if fused else "")
-            path = {True: "builtin", "reduce-overhead": "graphs", "cpp": "cpp"}.get(builtin, "eager")
+        # (name, refresh sharing the training forward)
+        entries = [(n, False) for n in a.iter_optimizers]
+        entries += [(n, True) for n in a.iter_optimizers if n in SOPHIA_FAMILY]
+        for name, fused in entries:
+            key = name + ("+fused" if fused else "")
             row = dict(label=OPTIMIZERS[name][0], status="ok", note="", k=k,
-                       step_path=PATH_NAMES[path], refresh="fused" if fused else "separate")
+                       step_path=PATH_NAMES["eager"], refresh="fused" if fused else "separate")
             rows[key] = row
             try:
-                model, opt, step = self.fresh(name, builtin_compile=builtin)
+                model, opt, step = self.fresh(name)
             except _Unavailable as e:
                 row.update(status="skipped", note=str(e))
                 continue
@@ -1097,7 +1009,7 @@ class Bench:
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                for _ in range(5 if builtin == "reduce-overhead" else 3 if builtin else 2):
+                for _ in range(2):
                     it()
             if name == "soap":
                 row["note"] = "eigenbasis refresh every 10 steps inside step()"
@@ -1377,11 +1289,7 @@ def evaluate_targets(res) -> list[dict]:
         base = _med(it.get("adamw_fused"))
         for n, thr in (("sophia_g", 1.10), ("sophia_h", 1.25), ("flat_sophia", 1.25)):
             if n in it:
-                keys = ((n, "eager step, separate refresh"), (n + "+fused", "eager step, fused refresh"),
-                        (n + "+compile", "compile=True step, separate refresh"),
-                        (n + "+compile+fused", "compile=True step, fused refresh"),
-                        (n + "+graphs+fused", "compile='reduce-overhead' step, fused refresh"),
-                        (n + "+cpp+fused", "fused=True step, fused refresh"))
+                keys = ((n, "eager step, separate refresh"), (n + "+fused", "eager step, fused refresh"))
                 paths = [(_med(it[key]), path, key) for key, path in keys if _med(it.get(key)) is not None]
                 best = min(paths) if paths else (None, None, None)
                 add(f"{n} iteration (refresh every {it[n].get('k')}) <= {thr:.2f}x AdamW", _ratio(best[0], base),
@@ -1450,8 +1358,8 @@ def markdown(res) -> str:
     for variants in res.get("step", {}).values():
         for variant, r in variants.items():
             row("step", r["label"], PATH_NAMES.get(variant, variant), r)
-    for name, r in res.get("iteration", {}).items():
-        row("iteration", r["label"], r.get("step_path") or ("compile=True" if "+compile" in name else "eager"), r)
+    for r in res.get("iteration", {}).values():
+        row("iteration", r["label"], r.get("step_path") or "eager", r)
     for r in res.get("refresh", {}).values():
         row("refresh", r["label"], "eager", r)
     for r in res.get("hvp", {}).values():

@@ -3,43 +3,48 @@
 Reference code: github.com/evanatyourservice/flat-sophia (``flat_sophia.py``, ``scale_by_sophia_h``
 with ``project_to_flat=True``; JAX/optax, MIT). Idea source: Wang et al. 2024, "Improving
 generalization and convergence by enhancing implicit regularization", arXiv:2405.20763.
-This is an independent PyTorch implementation of the reference's semantics.
+An independent PyTorch implementation of the reference's semantics.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ._common import check_nonneg
+from ._base import _SophiaBase
+from ._common import check_int, check_nonneg
 from .sophia_h import SophiaH
 
-__all__ = ["FlatSophia", "MASK_SOURCES"]
+__all__ = ["FlatSophia", "MASK_SOURCES", "build_masks", "global_threshold", "kth_largest"]
 
 #: Where the sharpness mask comes from: the fresh estimate (reference), the Hessian EMA, or a
 #: random draw of the same size (a control: is it *which* coordinates are damped, or damping at all?).
 MASK_SOURCES = ("estimate", "ema", "random")
+
+#: Options of the mask, one value for all groups (the threshold is global).
+MASK_OPTIONS = ("sharp_fraction", "dampening_factor", "mask_source", "mask_seed")
 
 
 class FlatSophia(SophiaH):
     r"""Sophia-H whose update is divided by an int8 sharpness mask.
 
     On every Hessian refresh (:meth:`update_hessian` with :math:`d = v \odot Hv`), besides the
-    Sophia-H EMA update, the mask is rebuilt from the *fresh* estimate :math:`d` (not the EMA):
+    Sophia-H EMA update, ``mask`` is rebuilt from the *fresh* estimate :math:`d` (not the EMA):
 
     .. math::
         \tau = \text{the } k\text{-th largest } |d| \text{ over all parameters of the optimizer},
         \quad k = \lfloor \text{sharp\_fraction} \cdot n \rfloor, \qquad
         \text{mask} = \begin{cases} \text{dampening\_factor} & |d| > \tau \\ 1 & \text{else}\end{cases}
 
-    and every step divides the clipped direction by the mask:
-    :math:`\theta \leftarrow \theta - \eta\,(u / \text{mask} + \lambda\theta)`. The mask starts at
-    1 and keeps its value between refreshes. Memory: two buffers in the parameter's dtype plus
-    one int8 buffer per parameter.
+    and every step divides the clipped direction by it:
+    :math:`\theta \leftarrow \theta - \mathrm{lr}\,(u / \text{mask} + \lambda\theta)`, with :math:`u` as in
+    :class:`~flatsophia.optim.SophiaH`. The mask starts at 1 and keeps its value between refreshes.
+    Memory: two buffers in the parameter's dtype plus one int8 buffer per parameter.
 
     Args:
-        sharp_fraction: fraction of coordinates (globally, across all groups) to damp, in [0, 1]
+        sharp_fraction: fraction of coordinates (all groups together) to damp, in [0, 1]
             (default 0.2, as in the reference README and experiment). ``0`` keeps no mask at all
             and is exactly :class:`~flatsophia.optim.SophiaH`.
         dampening_factor: integer divisor of the damped coordinates' update, in [1, 127]
@@ -48,14 +53,18 @@ class FlatSophia(SophiaH):
             ``"ema"`` (the Hessian EMA after the update; a lower-variance variant for ablations) or
             ``"random"`` (a control: the same number of coordinates, chosen uniformly at random at
             each refresh from a generator seeded by ``mask_seed`` and the step count).
-        mask_seed: seed of the ``"random"`` mask.
+        mask_seed: seed of the ``"random"`` mask (default 0).
         Other arguments: see :class:`~flatsophia.optim.SophiaH`.
 
-    The threshold and the comparison follow the reference exactly: :math:`\tau` is the
-    :math:`k`-th largest :math:`|d|` itself and the comparison is strict, so the coordinate holding
-    :math:`\tau` is not damped: with distinct values exactly :math:`k - 1` coordinates are masked
-    (``masked_frac`` in :meth:`stats` is :math:`(k-1)/n`), and fewer when values tie at
-    :math:`\tau`. With ``k <= 1`` (tiny models or tiny ``sharp_fraction``) nothing is masked.
+    The four mask options are parameter-group options that must agree across groups (the
+    threshold is global); a group with another value raises ``ValueError``.
+    As in the reference, :math:`\tau` is the :math:`k`-th largest :math:`|d|` itself and the
+    comparison is strict, so with distinct values exactly :math:`k - 1` coordinates are masked
+    (``masked_frac`` in :meth:`stats` is :math:`(k-1)/n`), fewer when values tie at :math:`\tau`,
+    none with ``k <= 1``.
+
+    Reference code: https://github.com/evanatyourservice/flat-sophia (``project_to_flat=True``).
+    Idea: https://arxiv.org/abs/2405.20763.
     """
 
     def __init__(
@@ -73,26 +82,9 @@ class FlatSophia(SophiaH):
         mask_source: str = "estimate",
         mask_seed: int = 0,
         mu_dtype: torch.dtype | str | None = None,
-        compile: bool | str = False,
-        fused: bool = False,
         foreach: bool | None = None,
     ):
-        check_nonneg("sharp_fraction", sharp_fraction)
-        if sharp_fraction > 1:
-            raise ValueError(f"Invalid sharp_fraction: {sharp_fraction!r} (expected a number in [0, 1])")
-        if (
-            isinstance(dampening_factor, bool)
-            or not isinstance(dampening_factor, (int, float))
-            or not (float(dampening_factor).is_integer() and 1 <= dampening_factor <= 127)
-        ):
-            raise ValueError(
-                f"Invalid dampening_factor: {dampening_factor!r} (expected an integer in [1, 127]; "
-                "the mask is stored as int8)"
-            )
-        if mask_source not in MASK_SOURCES:
-            raise ValueError(f"Invalid mask_source: {mask_source!r} (expected one of {', '.join(MASK_SOURCES)})")
-        super().__init__(
-            params,
+        defaults = dict(
             lr=lr,
             betas=betas,
             gamma=gamma,
@@ -100,71 +92,69 @@ class FlatSophia(SophiaH):
             weight_decay=weight_decay,
             clip_threshold=clip_threshold,
             mu_dtype=mu_dtype,
-            compile=compile,
-            fused=fused,
             foreach=foreach,
+            sharp_fraction=sharp_fraction,
+            dampening_factor=dampening_factor,
+            mask_source=mask_source,
+            mask_seed=mask_seed,
         )
-        # Optimizer-wide settings: the mask's threshold is global across all groups.
-        self.defaults.update(sharp_fraction=sharp_fraction, dampening_factor=int(dampening_factor))
-        self.defaults["mask_source"] = mask_source
-        self.defaults["mask_seed"] = int(mask_seed)
+        _SophiaBase.__init__(self, params, defaults)  # SophiaH's options plus the mask's
 
-    @property
-    def _masking(self) -> bool:
-        return self.defaults["sharp_fraction"] > 0 and self.defaults["dampening_factor"] != 1
+    def _check_options(self, options: dict) -> None:
+        super()._check_options(options)
+        sharp_fraction, damp = options["sharp_fraction"], options["dampening_factor"]
+        check_nonneg("sharp_fraction", sharp_fraction)
+        if sharp_fraction > 1:
+            raise ValueError(f"Invalid sharp_fraction: {sharp_fraction!r} (expected a number in [0, 1])")
+        if (
+            isinstance(damp, bool)
+            or not isinstance(damp, (int, float))
+            or not (float(damp).is_integer() and 1 <= damp <= 127)
+        ):
+            raise ValueError(
+                f"Invalid dampening_factor: {damp!r} (expected an integer in [1, 127]; the mask is stored as int8)"
+            )
+        options["dampening_factor"] = int(damp)
+        if options["mask_source"] not in MASK_SOURCES:
+            raise ValueError(
+                f"Invalid mask_source: {options['mask_source']!r} (expected one of {', '.join(MASK_SOURCES)})"
+            )
+        check_int("mask_seed", options["mask_seed"], 0)
+        groups = getattr(self, "param_groups", None)
+        if groups:  # an added group: the mask is global, its options must agree with the first group's
+            for key in MASK_OPTIONS:
+                if options[key] != groups[0][key]:
+                    raise ValueError(
+                        f"Invalid {key}: {options[key]!r} in a parameter group; FlatSophia's mask is "
+                        f"global, so every group must use the first group's {groups[0][key]!r}"
+                    )
+
+    def _masking(self, group: dict) -> bool:
+        return group["sharp_fraction"] > 0 and group["dampening_factor"] != 1
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = super()._init_state(p, group)
-        if "mask" not in state and self._masking:
+        if "mask" not in state and self._masking(group):
             state["mask"] = torch.ones_like(p, dtype=torch.int8, memory_format=torch.preserve_format)
         return state
 
-    def _direction_divisor(self, state: dict) -> torch.Tensor | None:
-        return state.get("mask") if self._masking else None
-
-    def _mask_damp(self) -> int | None:
-        return self.defaults["dampening_factor"] if self._masking else None
-
     @torch.no_grad()
-    def _after_hessian_update(self, pairs, groups) -> None:
-        if not self._masking or not pairs:
+    def _after_hessian_update(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        options = self.param_groups[0]
+        if not pairs or not self._masking(options):
             return
-        source = self.defaults["mask_source"]
+        source = options["mask_source"]
         if source == "ema":
-            sources = [(p, self.state[p]["hessian"]) for p, _ in pairs]
+            sources = [self.state[p]["hessian"] for p, _ in pairs]
         elif source == "random":
             # Seeded by the step count, so the draw needs no extra state and resumes exactly.
             step = int(self.state[pairs[0][0]]["step"].item())
-            g = torch.Generator().manual_seed(self.defaults["mask_seed"] * 1_000_003 + step)
-            sources = [(p, torch.rand(p.shape, generator=g).to(p.device)) for p, _ in pairs]
+            g = torch.Generator().manual_seed(options["mask_seed"] * 1_000_003 + step)
+            sources = [torch.rand(p.shape, generator=g).to(p.device) for p, _ in pairs]
         else:
-            sources = pairs
-        n_total = sum(e.numel() for _, e in sources)
-        k = int(self.defaults["sharp_fraction"] * n_total)
-        damp = self.defaults["dampening_factor"]
-        if k == 0:
-            for p, _ in sources:
-                self.state[p]["mask"].fill_(1)
-            return
-        dtype = torch.float32
-        for _, e in sources:
-            dtype = torch.promote_types(dtype, e.dtype)
-        flat = torch.cat([e.detach().reshape(-1).to(dtype) for _, e in sources]).abs_()
-        tau = kth_largest(flat, k)
-        # One compare over everything; bool is stored as bytes 0/1, so 1 + (damp - 1) * sharp is
-        # the int8 mask in one cheap integer pass per tensor (no where / float temporaries).
-        sharp = torch.gt(flat, tau).view(torch.int8)
-        one = torch.ones((), dtype=torch.int8, device=flat.device)
-        offset = 0
-        for p, e in sources:
-            n = e.numel()
-            part = sharp[offset : offset + n].view(e.shape)
-            offset += n
-            mask = self.state[p]["mask"]
-            if mask.is_contiguous() and mask.device == flat.device:
-                torch.add(one, part, alpha=damp - 1, out=mask)
-            else:
-                mask.copy_(torch.add(one, part, alpha=damp - 1))
+            sources = [e for _, e in pairs]
+        masks = [self.state[p]["mask"] for p, _ in pairs]
+        build_masks(masks, sources, options["sharp_fraction"], options["dampening_factor"])
 
     @torch.no_grad()
     def stats(self) -> dict[str, torch.Tensor]:
@@ -175,6 +165,38 @@ class FlatSophia(SophiaH):
             n = sum(m.numel() for m in masks)
             out["masked_frac"] = sum((m != 1).sum() for m in masks).float() / n
         return out
+
+
+def global_threshold(flat_abs: torch.Tensor, sharp_fraction: float) -> torch.Tensor | None:
+    """The mask threshold: the ``k``-th largest of ``flat_abs`` with ``k = int(sharp_fraction * n)``
+    (``None`` for ``k = 0``: nothing is masked). A distributed variant would reduce across ranks."""
+    k = int(sharp_fraction * flat_abs.numel())
+    return kth_largest(flat_abs, k) if k else None
+
+
+@torch.no_grad()
+def build_masks(
+    masks: Sequence[torch.Tensor],
+    sources: Sequence[torch.Tensor],
+    sharp_fraction: float,
+    dampening_factor: int,
+    threshold: Callable[[torch.Tensor, float], torch.Tensor | None] = global_threshold,
+) -> None:
+    """Write ``dampening_factor`` where ``|source| > tau`` and 1 elsewhere into each int8 mask, with
+    ``tau = threshold(|all sources, flattened and concatenated|, sharp_fraction)``."""
+    dtype = torch.float32
+    for s in sources:
+        dtype = torch.promote_types(dtype, s.dtype)
+    flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in sources]).abs_()
+    tau = threshold(flat, sharp_fraction)
+    offset = 0
+    for mask, s in zip(masks, sources):
+        if tau is None:
+            mask.fill_(1)
+            continue
+        part = flat[offset : offset + s.numel()].view(s.shape)
+        offset += s.numel()
+        mask.copy_(torch.where(part > tau, dampening_factor, 1))
 
 
 #: Below this many values :func:`kth_largest` calls ``torch.kthvalue`` directly.

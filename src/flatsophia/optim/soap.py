@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._common import check_betas, check_bool, check_int, check_nonneg, check_positive
+from ._common import check_betas, check_bool, check_int, check_nonneg, check_positive, refuse_unsupported, upgrade_state
 
 __all__ = ["SOAP", "merged_shape"]
 
@@ -125,7 +125,8 @@ def _accumulate(factors: Sequence[torch.Tensor | None], g: torch.Tensor, beta: f
 
 
 def _eigh_fallback(m: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors (ascending) after ``eigh`` failed: float64 with growing jitter, else identity."""
+    """Eigenvectors (columns by descending eigenvalue) after ``eigh`` failed: float64 with growing
+    jitter, else the identity."""
     a = m.double()
     if bool(torch.isfinite(a).all()):
         scale = float(a.diagonal().abs().mean()) or 1.0
@@ -143,7 +144,7 @@ def _eigh_fallback(m: torch.Tensor) -> torch.Tensor:
                     RuntimeWarning,
                     stacklevel=4,
                 )
-                return q
+                return q.flip(1)
     warnings.warn(
         f"SOAP: no eigenbasis for a {m.shape[0]}x{m.shape[0]} factor (non-finite or eigh failed); "
         "using the identity until the next refresh.",
@@ -167,7 +168,7 @@ def _eigenbasis(m: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(q).all()):
             raise RuntimeError("non-finite eigenvectors")
     except RuntimeError:
-        q = _eigh_fallback(m)
+        return _eigh_fallback(m).to(m.dtype)
     return q.flip(1).to(m.dtype)
 
 
@@ -396,12 +397,15 @@ class SOAP(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        _validate(self.param_groups[-1])
+        try:
+            _validate(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("data_format", "channels_first")
+        upgrade_state(self)  # plain-number steps, options added later (data_format)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but half-precision parameters keep float32 state."""
@@ -420,6 +424,7 @@ class SOAP(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        refuse_unsupported("SOAP", [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None])
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             sb = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
@@ -435,15 +440,11 @@ class SOAP(Optimizer):
                 if p.grad is None or p.numel() == 0:
                     continue
                 grad = p.grad
-                if grad.is_sparse:
-                    raise RuntimeError("SOAP does not support sparse gradients")
                 layout = self._layout(p.shape, key)
                 sdtype = _state_dtype(p.dtype)
                 g = layout.to_work(grad if grad.dtype == sdtype else grad.to(sdtype))
                 state = self.state[p]
                 if "Q" not in state:
-                    if p.is_complex() or grad.is_complex():
-                        raise RuntimeError("SOAP does not support complex parameters")
                     self._init_state(state, g, layout, sb)
                     continue  # the first gradient only builds the preconditioner
 
@@ -485,7 +486,7 @@ class SOAP(Optimizer):
     @staticmethod
     def _init_state(state: dict, g: torch.Tensor, layout: _Layout, sb: float) -> None:
         shape = layout.work_shape
-        state["step"] = torch.tensor(0.0)
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
         state["exp_avg"] = torch.zeros(shape, dtype=g.dtype, device=g.device)
         state["exp_avg_sq"] = torch.zeros(shape, dtype=g.dtype, device=g.device)
         factors = [

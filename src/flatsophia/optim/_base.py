@@ -1,0 +1,164 @@
+"""What the Sophia family shares: state bookkeeping, the step skeleton, the Hessian EMA skeleton, stats."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.optim import Optimizer
+
+from ._common import all_finite, check_estimates, hessian_params, refuse_unsupported, upgrade_state
+
+
+class _SophiaBase(Optimizer):
+    """Base of :class:`SophiaG`, :class:`SophiaH` and :class:`FlatSophia` (not an optimizer itself).
+
+    ``step()`` refuses unsupported inputs, then, per group, ``_init_group`` fills lists with the
+    parameters that have a gradient and their state (as ``torch.optim``'s optimizers do;
+    ``torch.compile`` runs it eagerly) and ``_update_group`` calls the functional step. A subclass
+    provides the algorithm through these hooks:
+
+    * ``_check_options(options)``: validate a dict of options (the defaults, every added group);
+    * ``_init_state(p, group)``: the parameter's state, created on first use;
+    * ``_update_group(group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs)``:
+      call the algorithm's functional step;
+    * ``_fold_hessian(state, estimate, group)``: fold one estimate into ``state["hessian"]``.
+    """
+
+    is_second_order = True
+
+    def __init__(self, params, defaults: dict):
+        self._check_options(defaults)
+        super().__init__(params, defaults)
+        # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
+        self._last_step_stats: dict[str, torch.Tensor] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        upgrade_state(self)
+        self.__dict__.setdefault("_last_step_stats", {})
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_options(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    # ------------------------------------------------------------------ hooks
+    def _check_options(self, options: dict) -> None:
+        raise NotImplementedError
+
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _init_group(self, group, params, grads, exp_avgs, hessians, state_steps, masks) -> None:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self._init_state(p, group)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            hessians.append(state["hessian"])
+            state_steps.append(state["step"])
+            if self._masking(group):
+                masks.append(state["mask"])
+
+    def _masking(self, group: dict) -> bool:
+        """Whether the group's update is divided by a per-parameter ``state["mask"]`` (FlatSophia)."""
+        return False
+
+    def _update_group(self, group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs):
+        raise NotImplementedError
+
+    def _fold_hessian(self, state: dict, estimate: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+    def _after_hessian_update(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Called after a successful :meth:`update_hessian` (FlatSophia rebuilds its mask here)."""
+
+    # ------------------------------------------------------------------- step
+    def _step(self, closure: Callable | None, collect_stats: bool, **step_kwargs):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        refuse_unsupported(
+            type(self).__name__, [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        )
+        stats: list | None = [] if collect_stats else None
+        n_total = 0
+        for group in self.param_groups:
+            params, grads, exp_avgs, hessians, state_steps, masks = [], [], [], [], [], []
+            self._init_group(group, params, grads, exp_avgs, hessians, state_steps, masks)
+            if not params:
+                continue
+            self._update_group(group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs)
+            if stats is not None:
+                n_total += sum(p.numel() for p in params)
+        if stats and n_total:
+            self._last_step_stats.clear()
+            self._last_step_stats["win_rate"] = sum(kept for kept, _ in stats).float() / n_total
+            self._last_step_stats["update_rms"] = (sum(sq for _, sq in stats) / n_total).sqrt()
+        return loss
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None, *, collect_stats: bool = False):
+        """One update with the current Hessian EMA.
+
+        Args:
+            closure: optional closure re-evaluating the loss (run with gradients enabled).
+            collect_stats: also record the win rate (fraction of coordinates not clipped) and the
+                RMS of the update direction (before ``lr``) as 0-d tensors for :meth:`stats`;
+                no host sync.
+        """
+        return self._step(closure, collect_stats)
+
+    # --------------------------------------------------------------- hessian
+    def hessian_params(self) -> list[torch.Tensor]:
+        """Parameters :meth:`update_hessian` expects estimates for (``requires_grad``, group order)."""
+        return hessian_params(self.param_groups)
+
+    def _estimate_pairs(self, estimates: Sequence[torch.Tensor | None]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(parameter, estimate)`` for the non-``None`` entries, after checking them all."""
+        params = self.hessian_params()
+        check_estimates(params, estimates)
+        pairs = [(p, e) for p, e in zip(params, estimates) if e is not None]
+        refuse_unsupported(type(self).__name__, pairs)
+        return pairs
+
+    def _fold_estimates(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Fold the estimates into the Hessian EMA; ``False`` (warning, state untouched) if one is not finite."""
+        if not all_finite(e for _, e in pairs):
+            warnings.warn(
+                f"{type(self).__name__}.update_hessian: the Hessian estimate holds NaN/inf; skipped (state unchanged).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        for p, e in pairs:
+            group = group_of[id(p)]
+            self._fold_hessian(self._init_state(p, group), e, group)
+        self._after_hessian_update(pairs)
+        return True
+
+    # ----------------------------------------------------------------- stats
+    @torch.no_grad()
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Diagnostics as 0-d tensors (``.item()`` is the only host sync).
+
+        ``win_rate`` (fraction of coordinates not clipped) and ``update_rms`` (RMS of the update
+        direction before ``lr``) come from the last ``step(collect_stats=True)``; ``hessian_mean``
+        and ``hessian_neg_frac`` describe the current Hessian EMA.
+        """
+        out = dict(self._last_step_stats)
+        hs = [s["hessian"] for s in self.state.values() if "hessian" in s]
+        if hs:
+            n = sum(h.numel() for h in hs)
+            out["hessian_mean"] = sum(h.float().sum() for h in hs) / n
+            out["hessian_neg_frac"] = sum((h < 0).sum() for h in hs).float() / n
+        return out
