@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int
 from flatsophia.hessian.hutchinson import DISTRIBUTIONS
-from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, estimator_combinations, get_spec
+from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
+from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, get_spec
 from flatsophia.optim.schedules import SCHEDULES
 
 __all__ = [
@@ -97,15 +98,6 @@ def check_module_options(
     check_choice("module.nonfinite", nonfinite, NONFINITE_POLICIES)
     check_int("module.log_stats_every", log_stats_every, 1)
     check_choice("module.weight_decay_rule", weight_decay_rule, DECAY_RULES)
-
-
-def check_estimator_fits(asked: str, needed: str, optimizer_name: str) -> None:
-    """Raise unless the ``hessian.estimator`` asked for (``auto`` fits all) is the one the optimizer needs."""
-    if asked not in ("auto", needed):
-        raise ValueError(
-            f"hessian={asked} does not fit optimizer={optimizer_name}, which needs {needed!r}. "
-            f"Valid combinations: {estimator_combinations()} (hessian=auto picks the right one)."
-        )
 
 
 def check_trainer_config(trainer_cfg) -> None:

@@ -29,10 +29,11 @@ class ArgmaxGNB(GaussNewtonBartlett):
 
 
 class ArgmaxGNBModule(OptimLitModule):
-    def _setup_estimator(self, opt):
-        super()._setup_estimator(opt)
+    def configure_optimizers(self):
+        out = super().configure_optimizers()
         if self.estimator_name == "gnb":
-            self.estimator = ArgmaxGNB(seed=0)
+            self.refresher.estimator = ArgmaxGNB(seed=0)
+        return out
 
 
 class InterleavedSampler(torch.utils.data.Sampler):

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from _helpers import DumpState, dataset, loader, make_module, trainer
 
+from flatsophia.hessian import HessianRefresher
 from flatsophia.optim import OPTIMIZERS
 
 
-def _fit(tmp_path, name, steps=None, epochs=None, ds=None, _module=None, **module_kwargs):
+class Spy(L.Callback):
+    """Wraps ``pl_module.refresher.<method>`` once the refresher exists: records the optimizer step
+    of every call (and runs ``before`` first)."""
+
+    def __init__(self, method: str = "apply", before=None):
+        self.method, self.before, self.calls = method, before, []
+
+    def on_train_start(self, trainer, pl_module):
+        refresher = pl_module.refresher
+        inner = getattr(refresher, self.method)
+
+        def spy(*args, **kwargs):
+            self.calls.append(pl_module.global_step)
+            if self.before is not None:
+                self.before()
+            return inner(*args, **kwargs)
+
+        setattr(refresher, self.method, spy)
+
+
+def _fit(tmp_path, name, steps=None, epochs=None, ds=None, _module=None, callbacks=(), **module_kwargs):
     tmp_path.mkdir(parents=True, exist_ok=True)
     module = _module if _module is not None else make_module(name, **module_kwargs)
-    calls = []
-    inner = module._apply_estimates
-
-    def spy(opt, estimates):
-        calls.append(module.global_step)
-        return inner(opt, estimates)
-
-    module._apply_estimates = spy
+    spy = Spy()
     kw = {"max_steps": steps} if steps else {"max_epochs": epochs}
-    t = trainer(tmp_path, callbacks=[DumpState(str(tmp_path))], **kw)
+    t = trainer(tmp_path, callbacks=[DumpState(str(tmp_path)), spy, *callbacks], **kw)
     t.fit(module, loader(ds or dataset(n=64)))
-    return module, t, calls, torch.load(tmp_path / "rank0.pt", weights_only=False)
+    return module, t, spy.calls, torch.load(tmp_path / "rank0.pt", weights_only=False)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -31,7 +46,7 @@ def test_refresh_happens_exactly_at_configured_steps(tmp_path, name):
     module, t, calls, _ = _fit(tmp_path, name, steps=11, hessian={"every_k": 4})
     assert t.global_step == 11
     if OPTIMIZERS[name].hessian == "none":
-        assert calls == [] and module.estimator is None
+        assert calls == [] and module.refresher.estimator is None
     else:
         assert calls == [0, 4, 8]
         assert module.hessian_refreshes == 3
@@ -127,12 +142,9 @@ def test_refresh_does_not_change_the_step_gradient(tmp_path):
     x, y = dataset(n=8).tensors
     module.loss_fn(module.net(x), y).backward()
     before = [p.grad.clone() for p in module.net.parameters()]
-    module._setup_estimator(opt)
-
-    class Wrap:
-        optimizer = opt
-
-    module._refresh_hessian(Wrap(), x, y)
+    refresher = HessianRefresher(opt, model=module.net, every_k=3)
+    assert refresher.refresh(lambda: module.net(x), lambda out: module.loss_fn(out, y))
+    assert refresher.refreshes == 1
     for b, p in zip(before, module.net.parameters()):
         assert torch.equal(b, p.grad)
 
@@ -144,20 +156,13 @@ def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate, name):
     gradient; GNB: labels sampled from the training logits, back-propagated through the same graph)
     changes nothing but the cost."""
     fused_module = make_module(name, accumulate=accumulate)
-    assert fused_module._can_fuse_refresh.__func__ is type(fused_module)._can_fuse_refresh
-    fused_used = []
-    inner = fused_module._backward_with_refresh
-
-    def spy(*args):
-        fused_used.append(True)
-        return inner(*args)
-
-    fused_module._backward_with_refresh = spy
-    fused_module, _, fused_calls, fused = _fit(tmp_path / "f", name, steps=9, accumulate=accumulate,
-                                               _module=fused_module)
-    assert fused_calls == [0, 3, 6] and len(fused_used) == 3
+    fused_used = Spy("forward_backward")
+    fused_module, _, fused_calls, fused = _fit(
+        tmp_path / "f", name, steps=9, accumulate=accumulate, _module=fused_module, callbacks=[fused_used]
+    )
+    assert fused_calls == [0, 3, 6] and fused_used.calls == [0, 3, 6]
     module = make_module(name, accumulate=accumulate)
-    module._can_fuse_refresh = lambda: False
+    module._can_share_forward = lambda: False
     t = trainer(tmp_path / "s", callbacks=[DumpState(str(tmp_path))], max_steps=9)
     t.fit(module, loader(dataset(n=64)))
     separate = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -188,13 +193,6 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
     import time
 
     module = make_module("sophia_h", hessian={"every_k": 4})
-    inner = module._apply_estimates
-
-    def slow_refresh(opt, estimates):
-        time.sleep(0.1)
-        return inner(opt, estimates)
-
-    module._apply_estimates = slow_refresh
     logged = []
     log = module.log
 
@@ -204,8 +202,45 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
         return log(name, value, *args, **kwargs)
 
     module.log = spy
-    trainer(tmp_path, max_steps=10).fit(module, loader(dataset(n=80)))
+    slow_refresh = Spy(before=lambda: time.sleep(0.1))
+    trainer(tmp_path, callbacks=[slow_refresh], max_steps=10).fit(module, loader(dataset(n=80)))
+    assert slow_refresh.calls == [0, 4, 8]
     assert len(logged) == 10
     # from the 4th step on, every 4-step window holds exactly one 100 ms refresh
     assert all(25.0 <= v < 100.0 for v in logged[3:]), logged
     assert logged[0] >= 100.0  # step 0 refreshes; its window is itself
+
+
+@pytest.mark.parametrize(
+    ("name", "hessian"),
+    [("flat_sophia", {"every_k": 3}), ("sophia_g", {"every_k": 3}), ("flat_sophia", {"refresh_prob": 0.3})],
+)
+def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian):
+    """The refresher's docstring loop (plain PyTorch, clipping as the module clips) ends with the
+    module's parameters, bit for bit: the module adds only Lightning's bookkeeping."""
+    import functools
+
+    from flatsophia.optim import param_groups
+
+    module, t, calls, fitted = _fit(tmp_path, name, steps=11, hessian=hessian)
+    plain = make_module(name, hessian=hessian)
+    net = plain.net
+    opt = plain.optimizer_factory(param_groups(net, decay="matrices"))
+    refresher = HessianRefresher(opt, model=net, **plain.hessian_cfg)
+    refreshed = []
+    batches = [batch for _ in range(2) for batch in loader(dataset(n=64))][:11]  # 8 per epoch
+    for step, (x, y) in enumerate(batches):
+        forward, loss_fn = functools.partial(net, x), functools.partial(plain.loss_fn, y=y)
+        estimates = None
+        if refresher.shares_forward(step):
+            _, estimates = refresher.forward_backward(forward, loss_fn)
+        else:
+            loss_fn(forward()).backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        if refresher.maybe_refresh(step, forward, loss_fn, estimates):
+            refreshed.append(step)
+        opt.step(**({"bs": len(y)} if name == "sophia_g" else {}))
+        opt.zero_grad(set_to_none=True)
+    assert refreshed == calls and refresher.refreshes == module.hessian_refreshes == len(calls) >= 3
+    for n, p in net.named_parameters():
+        assert torch.equal(p, fitted["params"][f"net.{n}"]), n
