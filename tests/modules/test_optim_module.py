@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import lightning as L
 import pytest
 import torch
 from _helpers import DumpState, dataset, loader, make_module, trainer
 
 from flatsophia.hessian import HessianRefresher
-from flatsophia.optim import OPTIMIZERS
+from flatsophia.optim import OPTIMIZERS, get_spec
 
 
 class Spy(L.Callback):
@@ -128,6 +130,7 @@ def test_mismatched_estimator_is_an_error(tmp_path):
         ({"hessian": {"every": 3}}, "Unknown key hessian.every"),
         ({"scheduler": {"name": "step"}}, "scheduler.name: 'step'"),
         ({"log_stats_every": 0}, "module.log_stats_every: 0"),
+        ({"hessian": {"hvp": "fd"}}, "hessian.hvp: 'fd'"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -213,13 +216,17 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "hessian"),
-    [("flat_sophia", {"every_k": 3}), ("sophia_g", {"every_k": 3}), ("flat_sophia", {"refresh_prob": 0.3})],
+    [
+        ("flat_sophia", {"every_k": 3}),
+        ("sophia_g", {"every_k": 3}),
+        ("flat_sophia", {"refresh_prob": 0.3}),
+        ("flat_sophia", {"every_k": 3, "hvp": "finite_difference"}),
+        ("sophia_h", {"refresh_prob": 0.3, "hvp": "finite_difference"}),
+    ],
 )
 def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian):
     """The refresher's docstring loop (plain PyTorch, clipping as the module clips) ends with the
     module's parameters, bit for bit: the module adds only Lightning's bookkeeping."""
-    import functools
-
     from flatsophia.optim import param_groups
 
     module, t, calls, fitted = _fit(tmp_path, name, steps=11, hessian=hessian)
@@ -235,7 +242,8 @@ def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian
         if refresher.shares_forward(step):
             _, estimates = refresher.forward_backward(forward, loss_fn)
         else:
-            loss_fn(forward()).backward()
+            with refresher.training_pass(step):
+                loss_fn(forward()).backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         if refresher.maybe_refresh(step, forward, loss_fn, estimates):
             refreshed.append(step)
@@ -244,3 +252,73 @@ def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian
     assert refreshed == calls and refresher.refreshes == module.hessian_refreshes == len(calls) >= 3
     for n, p in net.named_parameters():
         assert torch.equal(p, fitted["params"][f"net.{n}"]), n
+
+
+def test_finite_difference_refresh_at_configured_steps_with_accumulation(tmp_path):
+    module, t, calls, _ = _fit(
+        tmp_path, "flat_sophia", epochs=2, accumulate=2, hessian={"every_k": 3, "hvp": "finite_difference"}
+    )
+    assert t.global_step == 8 and calls == [0, 3, 6] and module.hessian_refreshes == 3
+    assert module.refresher.finite_difference and module.refresher.skipped == 0
+
+
+def test_finite_difference_refuses_half_precision(tmp_path):
+    module = make_module("sophia_h", hessian={"hvp": "finite_difference"})
+    with pytest.raises(ValueError, match="trainer.precision=bf16-mixed.*hessian.hvp=autograd"):
+        trainer(tmp_path, precision="bf16-mixed", max_steps=1).fit(module, loader(dataset()))
+
+
+class _Record(L.Callback):
+    """Per step: the batch seen, and the global RNG state after the step (the dropout stream)."""
+
+    def __init__(self):
+        self.batches, self.rng = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append(batch[0].clone())
+        self.rng.append(torch.get_rng_state())
+
+
+class _Refresh(L.Callback):
+    """``discard``: every estimate is computed and thrown away; ``none``: no refresh at all."""
+
+    def __init__(self, mode: str):
+        self.mode, self.estimates = mode, []
+
+    def on_train_start(self, trainer, pl_module):
+        if self.mode == "none":
+            pl_module.refresher.estimator = None
+        else:
+            pl_module.refresher.apply = lambda estimates: self.estimates.append(estimates)
+
+
+def test_discarded_finite_difference_refreshes_leave_the_run_bit_identical(tmp_path):
+    """A run that computes a finite-difference estimate on every step and discards it equals a run
+    without refreshes: parameters, BatchNorm buffers, the data order of a shuffled loader over two
+    epochs (its seed comes from the global RNG) and the dropout stream of every later step."""
+    from torch import nn
+
+    from flatsophia.modules import OptimLitModule
+
+    runs = {}
+    for mode in ("discard", "none"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+        factory = functools.partial(get_spec("sophia_h").cls, lr=1e-2)
+        hessian = {"every_k": 1, "hvp": "finite_difference"}
+        module = OptimLitModule(net, factory, num_classes=3, scheduler={"name": "constant"}, hessian=hessian)
+        record, refresh = _Record(), _Refresh(mode)
+        torch.manual_seed(1)
+        data = torch.utils.data.DataLoader(dataset(n=64), batch_size=8, shuffle=True)
+        trainer(tmp_path / mode, callbacks=[record, refresh], max_epochs=2).fit(module, data)
+        runs[mode] = (module, record, refresh)
+    (fd, fd_record, fd_refresh), (none, none_record, none_refresh) = runs["discard"], runs["none"]
+    assert len(fd_refresh.estimates) == 16 and not none_refresh.estimates
+    assert all(torch.isfinite(e).all() for est in fd_refresh.estimates for e in est)
+    assert not torch.equal(fd_record.batches[0], fd_record.batches[8])  # shuffled: epochs differ
+    assert all(torch.equal(a, b) for a, b in zip(fd_record.batches, none_record.batches, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fd_record.rng, none_record.rng, strict=True))
+    for (n, a), b in zip(fd.named_parameters(), none.parameters()):
+        assert torch.equal(a, b), n
+    buffers = list(zip(fd.net.buffers(), none.net.buffers(), strict=True))
+    assert buffers and all(torch.equal(a, b) for a, b in buffers)

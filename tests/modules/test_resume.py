@@ -28,6 +28,8 @@ def _fit(tmp_path, name, epochs, ckpt_path=None, **module_kwargs):
 CASES = [(n, {}) for n in sorted(OPTIMIZERS)] + [
     ("flat_sophia", {"hessian": {"refresh_prob": 0.3}}),
     ("sophia_h", {"hessian": {"every_k": 2, "distribution": "rademacher"}, "accumulate": 2}),
+    ("flat_sophia", {"hessian": {"refresh_prob": 0.3, "hvp": "finite_difference"}}),
+    ("sophia_h", {"hessian": {"every_k": 2, "hvp": "finite_difference"}, "accumulate": 2}),
 ]
 
 

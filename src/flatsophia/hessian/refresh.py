@@ -28,7 +28,16 @@ types for checkpoints. Torch only: the template's Lightning module uses it, and 
 
 The two lines with ``shares_forward`` are an optimisation; ``loss.backward()`` then
 ``maybe_refresh(step, forward, loss_fn)`` alone is the same schedule with a fresh forward on refresh
-steps. Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken with
+steps. With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double
+backward) ``shares_forward`` is ``False``; wrap the training pass instead, so the refresh reuses its
+gradient and replays its dropout masks (one extra forward+backward per refresh); in the loop::
+
+        with refresher.training_pass(step):
+            loss = loss_fn(forward())
+            loss.backward()
+        refresher.maybe_refresh(step, forward, loss_fn)
+
+Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken with
 ``torch.autograd.grad`` bypass DDP's gradient hooks, so each rank's estimate is averaged here), call
 ``maybe_refresh`` with the unwrapped module's forward, and ``shares_forward`` is always ``False``
 (the training gradient must go through DDP).
@@ -36,13 +45,14 @@ steps. Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates t
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from .base import HessianEstimator, build_estimator, math_attention
+from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention
 
 __all__ = ["HessianRefresher", "check_estimator_fits", "distributed_mean"]
 
@@ -86,12 +96,17 @@ class HessianRefresher:
         estimator: ``"auto"`` (the one the optimizer consumes), that estimator's name (anything else
             raises ``ValueError`` listing the valid combinations), or a
             :class:`~flatsophia.hessian.base.HessianEstimator` instance of the right kind.
-        model: the network (unwrapped, not the DDP wrapper).
+        model: the network (unwrapped, not the DDP wrapper); needed for ``hvp="finite_difference"``,
+            whose perturbed pass restores its buffers (BatchNorm statistics).
         every_k: refresh at every ``every_k``-th optimizer step (steps 0, k, 2k, ...).
         refresh_prob: instead, refresh each step with this probability (always at step 0), drawn
             from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
         distribution, n_probes: Hutchinson's probe distribution and probes per estimate.
         seed: seed of the estimator's generator.
+        hvp: Hutchinson's Hessian-vector product, ``"autograd"`` (double backward) or
+            ``"finite_difference"`` (two gradients, see :meth:`Hutchinson.finite_difference
+            <flatsophia.hessian.hutchinson.Hutchinson.finite_difference>` and :meth:`training_pass`);
+            ignored (with a warning) by the other estimators.
         reduce: ``flat_tensor -> mean over ranks`` (e.g. :func:`distributed_mean`, or Lightning's
             ``strategy.reduce``); ``None`` on one process.
         optimizer_name: name used in messages (default: the registry name of the optimizer's class).
@@ -114,6 +129,7 @@ class HessianRefresher:
         distribution: str = "gaussian",
         n_probes: int = 1,
         seed: int = 0,
+        hvp: str = "autograd",
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimizer_name: str | None = None,
     ):
@@ -133,6 +149,7 @@ class HessianRefresher:
         self.refreshes = 0
         self.skipped = 0
         self._rng: torch.Generator | None = None  # created on first use (see `rng`)
+        self._pass: _TrainingPass | None = None  # recorded by training_pass for a finite difference
 
         needed = getattr(optimizer, "hessian_estimator", "none")
         asked = estimator.name if isinstance(estimator, HessianEstimator) else estimator
@@ -144,14 +161,31 @@ class HessianRefresher:
                 stacklevel=2,
             )
         check_estimator_fits(asked, needed, self.optimizer_name)
+        if hvp != "autograd" and needed != "hutchinson":
+            warnings.warn(
+                f"hessian.hvp={hvp} only applies to the Hutchinson estimator; optimizer "
+                f"{self.optimizer_name!r} uses {needed!r}, so it is ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.estimator_name = needed
         if isinstance(estimator, HessianEstimator):
             self.estimator: HessianEstimator | None = estimator
         else:
             kwargs = {"seed": seed}
             if needed == "hutchinson":
-                kwargs.update(distribution=distribution, n_probes=n_probes)
+                kwargs.update(distribution=distribution, n_probes=n_probes, hvp=hvp)
             self.estimator = build_estimator(needed, **kwargs)
+        if self.finite_difference and model is None:
+            raise ValueError(
+                "hvp=finite_difference needs model= (the network: its buffers, e.g. BatchNorm "
+                "statistics, are restored after the perturbed pass)"
+            )
+
+    @property
+    def finite_difference(self) -> bool:
+        """Whether the estimate takes ``H v`` from two gradients (Hutchinson, ``hvp="finite_difference"``)."""
+        return getattr(self.estimator, "hvp", None) == "finite_difference"
 
     # -------------------------------------------------------------- schedule
     @property
@@ -182,10 +216,43 @@ class HessianRefresher:
         return (
             self.estimator_name in ("hutchinson", "gnb")
             and hasattr(self.estimator, "from_loss")
+            and not self.finite_difference
             and self.reduce is None
             and self.refresh_prob is None
             and step % self.every_k == 0
         )
+
+    def _due_without_drawing(self, step: int) -> bool:
+        """What :meth:`due` will answer for ``step``, leaving the random schedule's stream as it is."""
+        if self.refresh_prob is None:
+            return step % self.every_k == 0
+        peek = torch.Generator().set_state(self.rng.get_state())
+        return step == 0 or torch.rand((), generator=peek).item() < self.refresh_prob
+
+    @contextlib.contextmanager
+    def training_pass(self, step: int, loss_divisor: float = 1):
+        """Wrap the training forward+backward (the last micro-batch's) of optimizer step ``step``.
+
+        With ``hvp="finite_difference"``, on a step whose refresh is due, it records the global RNG
+        state before the pass (CPU and the parameters' CUDA devices) and this pass's gradient of
+        each Hessian parameter (tensor hooks: before DDP's all-reduce and before accumulation into
+        ``.grad``); :meth:`maybe_refresh` for the same step then replays the pass at
+        ``theta + eps v`` and takes ``H v`` from the two gradients. ``loss_divisor``: the pass
+        back-propagates ``loss / loss_divisor`` (micro-batches accumulated). Otherwise a no-op.
+        """
+        self._pass = None
+        if not (self.finite_difference and self._due_without_drawing(step)):
+            yield
+            return
+        params = self.optimizer.hessian_params()
+        record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), loss_divisor)
+        handles = [p.register_hook(record.hook(i)) for i, p in enumerate(params) if p.requires_grad]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self._pass = record
 
     # -------------------------------------------------------------- estimate
     def forward_backward(
@@ -222,8 +289,25 @@ class HessianRefresher:
     def estimate(
         self, forward: Callable[[], torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor]
     ) -> Estimates:
-        """The estimator's output for ``loss_fn(forward())``, one entry per Hessian parameter."""
+        """The estimator's output for ``loss_fn(forward())``, one entry per Hessian parameter.
+
+        With ``hvp="finite_difference"`` it reuses the gradient and RNG state recorded by
+        :meth:`training_pass` (consumed here); without one, it takes both gradients itself.
+        """
         params = self.optimizer.hessian_params()
+        if self.finite_difference:
+            record, self._pass = self._pass, None
+            if record is None:
+                return self.estimator(forward, loss_fn, params, module=self.model)
+            return self.estimator.finite_difference(
+                record.grads,
+                forward,
+                loss_fn,
+                params,
+                rng_state=record.rng_state,
+                module=self.model,
+                loss_divisor=record.loss_divisor,
+            )
         return self._run(lambda: self.estimator(forward, loss_fn, params))
 
     def _run(self, fn):
@@ -290,8 +374,11 @@ class HessianRefresher:
         """
         if self.estimator is None:
             return False
+        if self._pass is not None and self._pass.step != step:
+            self._pass = None  # recorded for a step that was not taken
         if estimates is None:
             if not self.due(step):
+                self._pass = None
                 return False
             estimates = self.estimate(forward, loss_fn)
         self.apply(estimates)
@@ -314,3 +401,20 @@ class HessianRefresher:
         self.rng.set_state(state["schedule_rng"])
         self.refreshes = int(state["refreshes"])
         self.skipped = int(state["skipped"])
+
+
+class _TrainingPass:
+    """What :meth:`HessianRefresher.training_pass` records: the RNG state before the pass and the
+    pass's own gradient of each Hessian parameter (``None`` where the loss does not reach it)."""
+
+    def __init__(self, step: int, rng_state: dict, n: int, loss_divisor: float):
+        self.step, self.rng_state, self.loss_divisor = step, rng_state, loss_divisor
+        self.grads: Estimates = [None] * n
+
+    def hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def capture(grad: torch.Tensor) -> None:
+            # a copy: the tensor may become .grad, which DDP averages and clipping scales in place
+            g = grad.detach().clone()
+            self.grads[i] = g if self.grads[i] is None else self.grads[i].add_(g)
+
+        return capture

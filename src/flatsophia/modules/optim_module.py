@@ -64,7 +64,8 @@ class OptimLitModule(L.LightningModule):
         scheduler: ``{name: constant|cosine|linear, warmup_steps, min_lr_ratio, total_steps}``;
             ``total_steps: null`` uses the trainer's number of optimizer steps.
         hessian: ``{estimator: auto|none|gnb|hutchinson, every_k, refresh_prob, distribution,
-            n_probes, seed}``; ``auto`` picks the estimator the optimizer consumes.
+            n_probes, seed, hvp: autograd|finite_difference}``; ``auto`` picks the estimator the
+            optimizer consumes.
         task: ``"classification"`` or ``"lm"`` (cross-entropy over the last dim either way).
         num_classes: classes, or vocabulary size for ``lm``.
         grad_clip: max global gradient norm (``None``/0 disables clipping).
@@ -169,6 +170,13 @@ class OptimLitModule(L.LightningModule):
         if self._refresher_state is not None:
             self.refresher.load_state_dict(self._refresher_state)
             self._refresher_state = None
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if self.refresher.finite_difference and precision not in ("32-true", "32", "64-true", "64"):
+            raise ValueError(
+                f"hessian.hvp=finite_difference does not run with trainer.precision={precision}: it perturbs "
+                "the weights by a relative ~3.5e-4, below half-precision resolution, so the difference of the "
+                "two gradients would be rounding noise. Use hessian.hvp=autograd, or 32-bit precision."
+            )
         total = self.scheduler_cfg["total_steps"] or self._total_optimizer_steps()
         sched = warmup_decay(
             opt,
@@ -209,9 +217,12 @@ class OptimLitModule(L.LightningModule):
                 lambda: self.net(x), lambda out: self.loss_fn(out, y), loss_divisor=self.accumulate
             )
         else:
-            loss = self.loss_fn(self.net(x), y)
-            with opt.toggle_model(sync_grad=last):
-                self.manual_backward(loss / self.accumulate)
+            # hvp=finite_difference keeps the last micro-batch's own gradient and RNG state for the refresh
+            refresh_pass = self.refresher.training_pass(self.global_step, self.accumulate) if last else None
+            with refresh_pass or contextlib.nullcontext():
+                loss = self.loss_fn(self.net(x), y)
+                with opt.toggle_model(sync_grad=last):
+                    self.manual_backward(loss / self.accumulate)
         self._loss_sum = loss.detach() if self._micro == 1 else self._loss_sum + loss.detach()
         if not last:
             return loss.detach()
