@@ -177,9 +177,12 @@ def test_no_side_effects_on_parameters_buffers_and_rng():
     params_before = [p.detach().clone() for p in params]
     buffers_before = [b.clone() for b in model.buffers()]
     rng_before = torch.get_rng_state()
+    for p, g in zip(params, grads):
+        p.grad = g.clone()  # the training step's gradient: the refresh must not touch .grad
     est = Hutchinson(seed=0, hvp=FD, n_probes=2)
     d = est.finite_difference(grads, lambda: model(x), loss_fn, params, rng_state=state, module=model)
     assert all(torch.isfinite(t).all() for t in d)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     assert all(torch.equal(a, b) for a, b in zip(params, params_before))
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), buffers_before))
     assert torch.equal(torch.get_rng_state(), rng_before)
