@@ -24,6 +24,7 @@ BAD_INPUTS = [
     (["hessian.refresh_prob=2.0"], "Invalid hessian.refresh_prob: 2.0"),
     (["hessian.distribution=uniform"], "Invalid hessian.distribution: 'uniform'"),
     (["hessian.n_probes=0"], "Invalid hessian.n_probes: 0"),
+    (["hessian.hvp=fd"], "Invalid hessian.hvp: 'fd'"),
     (["optimizer=adamw", "hessian=hutchinson"], "hessian=hutchinson does not fit optimizer=adamw"),
     (["optimizer=sophia_g", "hessian=hutchinson"], "which needs 'gnb'"),
     (["optimizer=flat_sophia", "hessian=gnb"], "which needs 'hutchinson'"),

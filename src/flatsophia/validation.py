@@ -15,8 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int
-from flatsophia.hessian.hutchinson import DISTRIBUTIONS
-from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, estimator_combinations, get_spec
+from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES
+from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
+from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, get_spec
 from flatsophia.optim.schedules import SCHEDULES
 
 __all__ = [
@@ -38,7 +39,9 @@ TASKS = ("classification", "lm")
 NONFINITE_POLICIES = ("skip", "raise")
 
 #: Defaults of the ``hessian`` block; every key a user sets must be one of these.
-HESSIAN_DEFAULTS = dict(estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0)
+HESSIAN_DEFAULTS = dict(
+    estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0, hvp="autograd"
+)
 SCHEDULER_DEFAULTS = dict(name="cosine", warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
 
 #: Trainer options that Lightning rejects under manual optimization, and what to use instead.
@@ -73,6 +76,7 @@ def check_hessian_block(hessian: dict) -> None:
     check_choice("hessian.distribution", hessian["distribution"], DISTRIBUTIONS)
     check_int("hessian.n_probes", hessian["n_probes"], 1)
     check_int("hessian.seed", hessian["seed"], 0)
+    check_choice("hessian.hvp", hessian["hvp"], HVP_MODES)
 
 
 def check_scheduler_block(sched: dict) -> None:
@@ -97,15 +101,6 @@ def check_module_options(
     check_choice("module.nonfinite", nonfinite, NONFINITE_POLICIES)
     check_int("module.log_stats_every", log_stats_every, 1)
     check_choice("module.weight_decay_rule", weight_decay_rule, DECAY_RULES)
-
-
-def check_estimator_fits(asked: str, needed: str, optimizer_name: str) -> None:
-    """Raise unless the ``hessian.estimator`` asked for (``auto`` fits all) is the one the optimizer needs."""
-    if asked not in ("auto", needed):
-        raise ValueError(
-            f"hessian={asked} does not fit optimizer={optimizer_name}, which needs {needed!r}. "
-            f"Valid combinations: {estimator_combinations()} (hessian=auto picks the right one)."
-        )
 
 
 def check_trainer_config(trainer_cfg) -> None:

@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import functools
+
+import lightning as L
 import pytest
 import torch
 from _helpers import DumpState, dataset, loader, make_module, trainer
 
-from flatsophia.optim import OPTIMIZERS
+from flatsophia.hessian import HessianRefresher
+from flatsophia.optim import OPTIMIZERS, get_spec
 
 
-def _fit(tmp_path, name, steps=None, epochs=None, ds=None, _module=None, **module_kwargs):
+class Spy(L.Callback):
+    """Wraps ``pl_module.refresher.<method>`` once the refresher exists: records the optimizer step
+    of every call (and runs ``before`` first)."""
+
+    def __init__(self, method: str = "apply", before=None):
+        self.method, self.before, self.calls = method, before, []
+
+    def on_train_start(self, trainer, pl_module):
+        refresher = pl_module.refresher
+        inner = getattr(refresher, self.method)
+
+        def spy(*args, **kwargs):
+            self.calls.append(pl_module.global_step)
+            if self.before is not None:
+                self.before()
+            return inner(*args, **kwargs)
+
+        setattr(refresher, self.method, spy)
+
+
+def _fit(tmp_path, name, steps=None, epochs=None, ds=None, _module=None, callbacks=(), **module_kwargs):
     tmp_path.mkdir(parents=True, exist_ok=True)
     module = _module if _module is not None else make_module(name, **module_kwargs)
-    calls = []
-    inner = module._apply_estimates
-
-    def spy(opt, estimates):
-        calls.append(module.global_step)
-        return inner(opt, estimates)
-
-    module._apply_estimates = spy
+    spy = Spy()
     kw = {"max_steps": steps} if steps else {"max_epochs": epochs}
-    t = trainer(tmp_path, callbacks=[DumpState(str(tmp_path))], **kw)
+    t = trainer(tmp_path, callbacks=[DumpState(str(tmp_path)), spy, *callbacks], **kw)
     t.fit(module, loader(ds or dataset(n=64)))
-    return module, t, calls, torch.load(tmp_path / "rank0.pt", weights_only=False)
+    return module, t, spy.calls, torch.load(tmp_path / "rank0.pt", weights_only=False)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -31,7 +48,7 @@ def test_refresh_happens_exactly_at_configured_steps(tmp_path, name):
     module, t, calls, _ = _fit(tmp_path, name, steps=11, hessian={"every_k": 4})
     assert t.global_step == 11
     if OPTIMIZERS[name].hessian == "none":
-        assert calls == [] and module.estimator is None
+        assert calls == [] and module.refresher.estimator is None
     else:
         assert calls == [0, 4, 8]
         assert module.hessian_refreshes == 3
@@ -113,6 +130,7 @@ def test_mismatched_estimator_is_an_error(tmp_path):
         ({"hessian": {"every": 3}}, "Unknown key hessian.every"),
         ({"scheduler": {"name": "step"}}, "scheduler.name: 'step'"),
         ({"log_stats_every": 0}, "module.log_stats_every: 0"),
+        ({"hessian": {"hvp": "fd"}}, "hessian.hvp: 'fd'"),
     ],
 )
 def test_bad_module_arguments(kwargs, message):
@@ -127,12 +145,9 @@ def test_refresh_does_not_change_the_step_gradient(tmp_path):
     x, y = dataset(n=8).tensors
     module.loss_fn(module.net(x), y).backward()
     before = [p.grad.clone() for p in module.net.parameters()]
-    module._setup_estimator(opt)
-
-    class Wrap:
-        optimizer = opt
-
-    module._refresh_hessian(Wrap(), x, y)
+    refresher = HessianRefresher(opt, model=module.net, every_k=3)
+    assert refresher.refresh(lambda: module.net(x), lambda out: module.loss_fn(out, y))
+    assert refresher.refreshes == 1
     for b, p in zip(before, module.net.parameters()):
         assert torch.equal(b, p.grad)
 
@@ -144,20 +159,13 @@ def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate, name):
     gradient; GNB: labels sampled from the training logits, back-propagated through the same graph)
     changes nothing but the cost."""
     fused_module = make_module(name, accumulate=accumulate)
-    assert fused_module._can_fuse_refresh.__func__ is type(fused_module)._can_fuse_refresh
-    fused_used = []
-    inner = fused_module._backward_with_refresh
-
-    def spy(*args):
-        fused_used.append(True)
-        return inner(*args)
-
-    fused_module._backward_with_refresh = spy
-    fused_module, _, fused_calls, fused = _fit(tmp_path / "f", name, steps=9, accumulate=accumulate,
-                                               _module=fused_module)
-    assert fused_calls == [0, 3, 6] and len(fused_used) == 3
+    fused_used = Spy("forward_backward")
+    fused_module, _, fused_calls, fused = _fit(
+        tmp_path / "f", name, steps=9, accumulate=accumulate, _module=fused_module, callbacks=[fused_used]
+    )
+    assert fused_calls == [0, 3, 6] and fused_used.calls == [0, 3, 6]
     module = make_module(name, accumulate=accumulate)
-    module._can_fuse_refresh = lambda: False
+    module._can_share_forward = lambda: False
     t = trainer(tmp_path / "s", callbacks=[DumpState(str(tmp_path))], max_steps=9)
     t.fit(module, loader(dataset(n=64)))
     separate = torch.load(tmp_path / "rank0.pt", weights_only=False)
@@ -188,13 +196,6 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
     import time
 
     module = make_module("sophia_h", hessian={"every_k": 4})
-    inner = module._apply_estimates
-
-    def slow_refresh(opt, estimates):
-        time.sleep(0.1)
-        return inner(opt, estimates)
-
-    module._apply_estimates = slow_refresh
     logged = []
     log = module.log
 
@@ -204,8 +205,120 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
         return log(name, value, *args, **kwargs)
 
     module.log = spy
-    trainer(tmp_path, max_steps=10).fit(module, loader(dataset(n=80)))
+    slow_refresh = Spy(before=lambda: time.sleep(0.1))
+    trainer(tmp_path, callbacks=[slow_refresh], max_steps=10).fit(module, loader(dataset(n=80)))
+    assert slow_refresh.calls == [0, 4, 8]
     assert len(logged) == 10
     # from the 4th step on, every 4-step window holds exactly one 100 ms refresh
     assert all(25.0 <= v < 100.0 for v in logged[3:]), logged
     assert logged[0] >= 100.0  # step 0 refreshes; its window is itself
+
+
+@pytest.mark.parametrize(
+    ("name", "hessian"),
+    [
+        ("flat_sophia", {"every_k": 3}),
+        ("sophia_g", {"every_k": 3}),
+        ("flat_sophia", {"refresh_prob": 0.3}),
+        ("flat_sophia", {"every_k": 3, "hvp": "finite_difference"}),
+        ("sophia_h", {"refresh_prob": 0.3, "hvp": "finite_difference"}),
+    ],
+)
+def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian):
+    """The refresher's docstring loop (plain PyTorch, clipping as the module clips) ends with the
+    module's parameters, bit for bit: the module adds only Lightning's bookkeeping."""
+    from flatsophia.optim import param_groups
+
+    module, t, calls, fitted = _fit(tmp_path, name, steps=11, hessian=hessian)
+    plain = make_module(name, hessian=hessian)
+    net = plain.net
+    opt = plain.optimizer_factory(param_groups(net, decay="matrices"))
+    refresher = HessianRefresher(opt, model=net, **plain.hessian_cfg)
+    refreshed = []
+    batches = [batch for _ in range(2) for batch in loader(dataset(n=64))][:11]  # 8 per epoch
+    for step, (x, y) in enumerate(batches):
+        forward, loss_fn = functools.partial(net, x), functools.partial(plain.loss_fn, y=y)
+        estimates = None
+        if refresher.shares_forward(step):
+            _, estimates = refresher.forward_backward(forward, loss_fn)
+        else:
+            with refresher.training_pass(step):
+                loss_fn(forward()).backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        if refresher.maybe_refresh(step, forward, loss_fn, estimates):
+            refreshed.append(step)
+        opt.step(**({"bs": len(y)} if name == "sophia_g" else {}))
+        opt.zero_grad(set_to_none=True)
+    assert refreshed == calls and refresher.refreshes == module.hessian_refreshes == len(calls) >= 3
+    for n, p in net.named_parameters():
+        assert torch.equal(p, fitted["params"][f"net.{n}"]), n
+
+
+def test_finite_difference_refresh_at_configured_steps_with_accumulation(tmp_path):
+    module, t, calls, _ = _fit(
+        tmp_path, "flat_sophia", epochs=2, accumulate=2, hessian={"every_k": 3, "hvp": "finite_difference"}
+    )
+    assert t.global_step == 8 and calls == [0, 3, 6] and module.hessian_refreshes == 3
+    assert module.refresher.finite_difference and module.refresher.skipped == 0
+
+
+def test_finite_difference_refuses_half_precision(tmp_path):
+    module = make_module("sophia_h", hessian={"hvp": "finite_difference"})
+    with pytest.raises(ValueError, match="trainer.precision=bf16-mixed.*hessian.hvp=autograd"):
+        trainer(tmp_path, precision="bf16-mixed", max_steps=1).fit(module, loader(dataset()))
+
+
+class _Record(L.Callback):
+    """Per step: the batch seen, and the global RNG state after the step (the dropout stream)."""
+
+    def __init__(self):
+        self.batches, self.rng = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches.append(batch[0].clone())
+        self.rng.append(torch.get_rng_state())
+
+
+class _Refresh(L.Callback):
+    """``discard``: every estimate is computed and thrown away; ``none``: no refresh at all."""
+
+    def __init__(self, mode: str):
+        self.mode, self.estimates = mode, []
+
+    def on_train_start(self, trainer, pl_module):
+        if self.mode == "none":
+            pl_module.refresher.estimator = None
+        else:
+            pl_module.refresher.apply = lambda estimates: self.estimates.append(estimates)
+
+
+def test_discarded_finite_difference_refreshes_leave_the_run_bit_identical(tmp_path):
+    """A run that computes a finite-difference estimate on every step and discards it equals a run
+    without refreshes: parameters, BatchNorm buffers, the data order of a shuffled loader over two
+    epochs (its seed comes from the global RNG) and the dropout stream of every later step."""
+    from torch import nn
+
+    from flatsophia.modules import OptimLitModule
+
+    runs = {}
+    for mode in ("discard", "none"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+        factory = functools.partial(get_spec("sophia_h").cls, lr=1e-2)
+        hessian = {"every_k": 1, "hvp": "finite_difference"}
+        module = OptimLitModule(net, factory, num_classes=3, scheduler={"name": "constant"}, hessian=hessian)
+        record, refresh = _Record(), _Refresh(mode)
+        torch.manual_seed(1)
+        data = torch.utils.data.DataLoader(dataset(n=64), batch_size=8, shuffle=True)
+        trainer(tmp_path / mode, callbacks=[record, refresh], max_epochs=2).fit(module, data)
+        runs[mode] = (module, record, refresh)
+    (fd, fd_record, fd_refresh), (none, none_record, none_refresh) = runs["discard"], runs["none"]
+    assert len(fd_refresh.estimates) == 16 and not none_refresh.estimates
+    assert all(torch.isfinite(e).all() for est in fd_refresh.estimates for e in est)
+    assert not torch.equal(fd_record.batches[0], fd_record.batches[8])  # shuffled: epochs differ
+    assert all(torch.equal(a, b) for a, b in zip(fd_record.batches, none_record.batches, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(fd_record.rng, none_record.rng, strict=True))
+    for (n, a), b in zip(fd.named_parameters(), none.parameters()):
+        assert torch.equal(a, b), n
+    buffers = list(zip(fd.net.buffers(), none.net.buffers(), strict=True))
+    assert buffers and all(torch.equal(a, b) for a, b in buffers)

@@ -28,6 +28,8 @@ def _fit(tmp_path, name, epochs, ckpt_path=None, **module_kwargs):
 CASES = [(n, {}) for n in sorted(OPTIMIZERS)] + [
     ("flat_sophia", {"hessian": {"refresh_prob": 0.3}}),
     ("sophia_h", {"hessian": {"every_k": 2, "distribution": "rademacher"}, "accumulate": 2}),
+    ("flat_sophia", {"hessian": {"refresh_prob": 0.3, "hvp": "finite_difference"}}),
+    ("sophia_h", {"hessian": {"every_k": 2, "hvp": "finite_difference"}, "accumulate": 2}),
 ]
 
 
@@ -71,7 +73,31 @@ def test_sigterm_leaves_a_usable_checkpoint(tmp_path):
     saved = tmp_path / "ckpt" / "epoch=0-step=5.ckpt"
     assert saved.exists()
     state = torch.load(saved, weights_only=True)
-    assert state["global_step"] == 5 and state["flatsophia"]["hessian_refreshes"] == 2
+    assert state["global_step"] == 5 and state["flatsophia"]["refresher"]["refreshes"] == 2
     resumed, module = _fit(tmp_path / "resumed", "flat_sophia", 2, ckpt_path=str(saved))
     assert resumed["global_step"] == 16
     assert all(torch.isfinite(p).all() for p in resumed["params"].values())
+
+
+def test_checkpoint_loads_weights_only_and_the_old_layout_resumes(tmp_path):
+    """A checkpoint loads with ``torch.load(weights_only=True)``; one written before the refresher
+    existed (the flat ``estimator``/``refresh_rng``/``hessian_refreshes`` keys) resumes bit-exactly."""
+    kwargs = {"hessian": {"refresh_prob": 0.3}}
+    straight, _ = _fit(tmp_path / "straight", "flat_sophia", EPOCHS, **kwargs)
+    _fit(tmp_path / "half", "flat_sophia", EPOCHS // 2, **kwargs)
+    ckpt = torch.load(tmp_path / "half" / "ckpt" / "last.ckpt", weights_only=True)
+    extra = ckpt["flatsophia"]
+    state = extra.pop("refresher")
+    assert state["schedule_rng"].dtype == torch.uint8 and state["refreshes"] >= 2
+    extra.update(
+        estimator=state["estimator"],
+        refresh_rng=state["schedule_rng"],
+        hessian_refreshes=state["refreshes"],
+        hessian_skipped=state["skipped"],
+    )
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    resumed, module = _fit(tmp_path / "resumed", "flat_sophia", EPOCHS, ckpt_path=str(tmp_path / "old.ckpt"), **kwargs)
+    assert resumed["refreshes"] == straight["refreshes"] == module.refresher.refreshes
+    for key in straight["params"]:
+        assert torch.equal(straight["params"][key], resumed["params"][key]), key
+    assert max_abs_diff(flatten_state(straight["optim"]), flatten_state(resumed["optim"])) == 0.0

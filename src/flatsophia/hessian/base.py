@@ -1,10 +1,11 @@
-"""Shared pieces of the Hessian estimators: seeded per-device generators and a factory."""
+"""Shared pieces of the Hessian estimators: seeded per-device generators, a factory, and the
+global-RNG and buffer guards an extra forward pass needs to leave no trace."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -31,6 +32,48 @@ def math_attention(enabled: bool = True):
         _warned_math_sdpa = True
     with sdpa_kernel(SDPBackend.MATH):
         yield
+
+
+def cuda_devices(tensors: Iterable[torch.Tensor]) -> list[int]:
+    """Indices of the CUDA devices ``tensors`` live on (whose generators a forward may draw from)."""
+    return sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+
+
+def capture_rng_state(devices: Iterable[int] = ()) -> dict:
+    """The global RNG state: CPU, and each CUDA device in ``devices`` (ByteTensors)."""
+    return {"cpu": torch.get_rng_state(), "cuda": {i: torch.cuda.get_rng_state(i) for i in devices}}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore a :func:`capture_rng_state` result."""
+    torch.set_rng_state(state["cpu"])
+    for i, cuda_state in state["cuda"].items():
+        torch.cuda.set_rng_state(cuda_state, i)
+
+
+@contextlib.contextmanager
+def replayed_rng(state: dict):
+    """Run the block with the global RNG at ``state`` (the same dropout masks as the pass that
+    started there), then put the stream back where it was: the block draws nothing from it."""
+    now = capture_rng_state(state["cuda"])
+    set_rng_state(state)
+    try:
+        yield
+    finally:
+        set_rng_state(now)
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module | None):
+    """Restore every buffer of ``module`` in place after the block, bit for bit (BatchNorm's running
+    statistics and batch counter: a training-mode forward updates them)."""
+    saved = [(b, b.clone()) for b in module.buffers()] if module is not None else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
 
 
 class HessianEstimator:

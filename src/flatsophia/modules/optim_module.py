@@ -1,9 +1,9 @@
 """LightningModule that trains any network with any optimizer of the registry, second-order included.
 
 Manual optimization, so the module owns the whole optimizer step: gradient accumulation over
-``accumulate`` micro-batches, clipping, the non-finite policy, the LR scheduler, and the Hessian
-refresh every ``hessian.every_k`` optimizer steps (or at random with probability
-``hessian.refresh_prob``) with the estimator the optimizer consumes.
+``accumulate`` micro-batches, clipping, the non-finite policy, the LR scheduler and logging. The
+Hessian refresh (which estimator, when, averaging across ranks, its checkpointed state) is a
+:class:`~flatsophia.hessian.refresh.HessianRefresher`, which the module calls.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from flatsophia.hessian import build_estimator
-from flatsophia.hessian.base import math_attention
+from flatsophia.hessian import HessianRefresher
 from flatsophia.optim.factory import param_groups, spec_for
 from flatsophia.optim.schedules import warmup_decay
 from flatsophia.validation import (
@@ -33,7 +32,6 @@ from flatsophia.validation import (
     SCHEDULER_DEFAULTS,
     TASKS,
     check_choice,
-    check_estimator_fits,
     check_hessian_block,
     check_module_options,
     check_scheduler_block,
@@ -41,6 +39,7 @@ from flatsophia.validation import (
 )
 
 log = logging.getLogger(__name__)
+
 
 def _autocast_off(device: torch.device):
     """A context that disables autocast on ``device`` (a no-op where autocast does not exist)."""
@@ -65,7 +64,8 @@ class OptimLitModule(L.LightningModule):
         scheduler: ``{name: constant|cosine|linear, warmup_steps, min_lr_ratio, total_steps}``;
             ``total_steps: null`` uses the trainer's number of optimizer steps.
         hessian: ``{estimator: auto|none|gnb|hutchinson, every_k, refresh_prob, distribution,
-            n_probes, seed}``; ``auto`` picks the estimator the optimizer consumes.
+            n_probes, seed, hvp: autograd|finite_difference}``; ``auto`` picks the estimator the
+            optimizer consumes.
         task: ``"classification"`` or ``"lm"`` (cross-entropy over the last dim either way).
         num_classes: classes, or vocabulary size for ``lm``.
         grad_clip: max global gradient norm (``None``/0 disables clipping).
@@ -126,11 +126,11 @@ class OptimLitModule(L.LightningModule):
             self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
             self.val_acc_best = MaxMetric()
 
-        # Training-loop state that checkpoints carry (see on_save_checkpoint).
-        self.estimator = None
-        self.estimator_name = "none"
-        # Created on first use: a torch.Generator held by the module breaks ddp_spawn's pickling.
-        self._refresh_rng: torch.Generator | None = None
+        # Training-loop state that checkpoints carry (see on_save_checkpoint). The refresher is built
+        # with the optimizer (configure_optimizers, which runs after on_load_checkpoint on resume: a
+        # restored state waits in _refresher_state), in the worker process under ddp_spawn.
+        self.refresher: HessianRefresher | None = None
+        self._refresher_state: dict | None = None
         self._micro = 0
         self._micro_preds = 0
         self._window_start = 0.0
@@ -138,8 +138,15 @@ class OptimLitModule(L.LightningModule):
         # includes the periodic Hessian refresh (a per-step value logged every 10 steps never would).
         self._step_times: collections.deque[float] = collections.deque(maxlen=_time_window(self.hessian_cfg))
         self.nonfinite_skipped = 0
-        self.hessian_refreshes = 0
-        self.hessian_skipped = 0
+
+    @property
+    def estimator_name(self) -> str:
+        """The Hessian estimator the optimizer consumes (``"none"`` before ``configure_optimizers``)."""
+        return self.refresher.estimator_name if self.refresher is not None else "none"
+
+    @property
+    def hessian_refreshes(self) -> int:
+        return self.refresher.refreshes if self.refresher is not None else 0
 
     # ----------------------------------------------------------------- model
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +159,24 @@ class OptimLitModule(L.LightningModule):
     def configure_optimizers(self):
         groups = param_groups(self.net, decay=self.weight_decay_rule)
         opt = self.optimizer_factory(groups)
-        self._setup_estimator(opt)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        self.refresher = HessianRefresher(
+            opt,
+            **self.hessian_cfg,
+            model=self.net,
+            reduce=self._reduce_mean if world > 1 else None,
+            optimizer_name=self.optimizer_name,
+        )
+        if self._refresher_state is not None:
+            self.refresher.load_state_dict(self._refresher_state)
+            self._refresher_state = None
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if self.refresher.finite_difference and precision not in ("32-true", "32", "64-true", "64"):
+            raise ValueError(
+                f"hessian.hvp=finite_difference does not run with trainer.precision={precision}: it perturbs "
+                "the weights by a relative ~3.5e-4, below half-precision resolution, so the difference of the "
+                "two gradients would be rounding noise. Use hessian.hvp=autograd, or 32-bit precision."
+            )
         total = self.scheduler_cfg["total_steps"] or self._total_optimizer_steps()
         sched = warmup_decay(
             opt,
@@ -175,29 +199,8 @@ class OptimLitModule(L.LightningModule):
             )
         return int(total)
 
-    def _setup_estimator(self, opt: torch.optim.Optimizer) -> None:
-        needed = getattr(opt, "hessian_estimator", "none")
-        spec = spec_for(opt)
-        name = spec.name if spec else type(opt).__name__
-        asked = self.hessian_cfg["estimator"]
-        if asked == "auto":
-            asked = needed
-            if needed == "none" and (self.hessian_cfg["every_k"] != 10 or self.hessian_cfg["refresh_prob"]):
-                warnings.warn(
-                    f"hessian.every_k/refresh_prob are set but optimizer {name!r} uses no Hessian "
-                    "estimate; they are ignored.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-        check_estimator_fits(asked, needed, name)
-        self.estimator_name = needed
-        kwargs = {"seed": int(self.hessian_cfg["seed"])}
-        if needed == "hutchinson":
-            kwargs.update(distribution=self.hessian_cfg["distribution"], n_probes=int(self.hessian_cfg["n_probes"]))
-        est = build_estimator(needed, **kwargs)
-        if self.estimator is not None and est is not None and self.estimator.name == est.name:
-            return  # keep a state restored from a checkpoint
-        self.estimator = est
+    def _reduce_mean(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.trainer.strategy.reduce(flat, reduce_op="mean")
 
     # -------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
@@ -209,12 +212,17 @@ class OptimLitModule(L.LightningModule):
         self._micro_preds += y.numel()
         last = self._micro >= self.accumulate
         estimates = None
-        if last and self._can_fuse_refresh():
-            loss, estimates = self._backward_with_refresh(opt, x, y)
+        if last and self._can_share_forward():
+            loss, estimates = self.refresher.forward_backward(
+                lambda: self.net(x), lambda out: self.loss_fn(out, y), loss_divisor=self.accumulate
+            )
         else:
-            loss = self.loss_fn(self.net(x), y)
-            with opt.toggle_model(sync_grad=last):
-                self.manual_backward(loss / self.accumulate)
+            # hvp=finite_difference keeps the last micro-batch's own gradient and RNG state for the refresh
+            refresh_pass = self.refresher.training_pass(self.global_step, self.accumulate) if last else None
+            with refresh_pass or contextlib.nullcontext():
+                loss = self.loss_fn(self.net(x), y)
+                with opt.toggle_model(sync_grad=last):
+                    self.manual_backward(loss / self.accumulate)
         self._loss_sum = loss.detach() if self._micro == 1 else self._loss_sum + loss.detach()
         if not last:
             return loss.detach()
@@ -223,39 +231,14 @@ class OptimLitModule(L.LightningModule):
         self._optimizer_step(opt, x, y, self._loss_sum / self.accumulate, preds, estimates)
         return loss.detach()
 
-    def _can_fuse_refresh(self) -> bool:
-        """Whether this optimizer step's Hessian refresh can share the training forward pass.
-
-        Both estimators can: Hutchinson differentiates the training gradient once more, and
-        Gauss-Newton-Bartlett samples its labels from the training logits and back-propagates the
-        sampled-label loss through the same graph. Only on one process (under DDP the training
-        gradient must go through DDP's hooks), without fp16 loss scaling, and for the fixed every-k
-        schedule (the random one draws after the non-finite check).
-        """
-        return (
-            self.estimator_name in ("hutchinson", "gnb")
-            and self.hessian_cfg["refresh_prob"] is None
-            and self.global_step % self.hessian_cfg["every_k"] == 0
-            and self.trainer.world_size == 1
-            and str(self.trainer.precision) not in ("16-mixed", "16", "16-true")
+    def _can_share_forward(self) -> bool:
+        """Whether this step's refresh shares the training forward (the refresher's conditions, and
+        no fp16 loss scaling: the shared gradient bypasses Lightning's precision plugin)."""
+        return self.refresher.shares_forward(self.global_step) and str(self.trainer.precision) not in (
+            "16-mixed",
+            "16",
+            "16-true",
         )
-
-    def _backward_with_refresh(self, opt, x, y):
-        """One forward, the training gradient and the Hessian estimate together (saves a forward)."""
-        params = opt.optimizer.hessian_params()
-        with math_attention(getattr(self.estimator, "math_sdpa", False)):
-            logits = self.net(x)
-            loss = self.loss_fn(logits, y)
-            grads, estimates = self._run_estimator(lambda: self.estimator.from_loss(loss, params, logits=logits))
-        for p, g in zip(params, grads):
-            if g is None:
-                continue
-            g = g / self.accumulate if self.accumulate > 1 else g
-            if p.grad is None:
-                p.grad = g
-            else:
-                p.grad.add_(g)
-        return loss, estimates
 
     def _optimizer_step(self, opt, x, y, loss, preds: int, estimates=None) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -266,10 +249,7 @@ class OptimLitModule(L.LightningModule):
         if self.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         step = self.global_step
-        if estimates is not None:
-            self._apply_estimates(opt, estimates)
-        elif self.estimator is not None and self._refresh_due(step):
-            self._refresh_hessian(opt, x, y)
+        self.refresher.maybe_refresh(step, lambda: self.net(x), lambda out: self.loss_fn(out, y), estimates)
         collect = (step + 1) % self.log_stats_every == 0 and hasattr(opt.optimizer, "stats")
         kwargs = {"collect_stats": True} if collect else {}
         if self.estimator_name == "gnb":
@@ -293,7 +273,7 @@ class OptimLitModule(L.LightningModule):
         if collect:
             for key, value in opt.optimizer.stats().items():
                 self.log(f"optim/{key}", value.float(), on_step=True, on_epoch=False)
-            self.log("optim/hessian_refreshes", float(self.hessian_refreshes), on_step=True, on_epoch=False)
+            self.log("optim/hessian_refreshes", float(self.refresher.refreshes), on_step=True, on_epoch=False)
             self.log("train/nonfinite_skipped", float(self.nonfinite_skipped), on_step=True, on_epoch=False)
 
     def _nonfinite(self, opt, loss: torch.Tensor) -> None:
@@ -307,62 +287,6 @@ class OptimLitModule(L.LightningModule):
             stacklevel=2,
         )
         opt.zero_grad(set_to_none=True)
-
-    def _refresh_due(self, step: int) -> bool:
-        p = self.hessian_cfg["refresh_prob"]
-        if p is None:
-            return step % self.hessian_cfg["every_k"] == 0
-        draw = torch.rand((), generator=self.refresh_rng).item()  # drawn every step: resumable stream
-        return step == 0 or draw < p
-
-    @property
-    def refresh_rng(self) -> torch.Generator:
-        """Generator of the random refresh schedule (seeded from ``hessian.seed``)."""
-        if self._refresh_rng is None:
-            self._refresh_rng = torch.Generator().manual_seed(int(self.hessian_cfg["seed"]) + 1)
-        return self._refresh_rng
-
-    def _refresh_hessian(self, opt, x: torch.Tensor, y: torch.Tensor) -> None:
-        params = opt.optimizer.hessian_params()
-        estimates = self._run_estimator(
-            lambda: self.estimator(lambda: self.net(x), lambda out: self.loss_fn(out, y), params)
-        )
-        self._apply_estimates(opt, estimates)
-
-    def _run_estimator(self, fn):
-        try:
-            return fn()
-        except RuntimeError as err:
-            if "derivative" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
-                raise RuntimeError(
-                    f"The {self.estimator_name} Hessian estimate failed for this model ({err}). "
-                    f"Optimizer {self.optimizer_name!r} needs a model that supports double backward; "
-                    "use optimizer=adamw or soap with it."
-                ) from err
-            raise
-
-    def _apply_estimates(self, opt, estimates) -> None:
-        estimates = self._all_reduce_mean(estimates)
-        if opt.optimizer.update_hessian(estimates):
-            self.hessian_refreshes += 1
-        else:
-            self.hessian_skipped += 1
-
-    def _all_reduce_mean(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """Average estimates across ranks (they bypass DDP's gradient hooks)."""
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world <= 1:
-            return tensors
-        live = [i for i, t in enumerate(tensors) if t is not None]
-        flat = torch.cat([tensors[i].reshape(-1).float() for i in live])
-        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
-        out = list(tensors)
-        offset = 0
-        for i in live:
-            n = tensors[i].numel()
-            out[i] = flat[offset : offset + n].view_as(tensors[i]).to(tensors[i].dtype)
-            offset += n
-        return out
 
     def on_train_epoch_end(self) -> None:
         if self._micro:
@@ -413,12 +337,9 @@ class OptimLitModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["flatsophia"] = {
             "optimizer_name": self.optimizer_name,
-            "estimator": self.estimator.state_dict() if self.estimator is not None else None,
-            "refresh_rng": self.refresh_rng.get_state(),
             "micro": self._micro,
             "nonfinite_skipped": self.nonfinite_skipped,
-            "hessian_refreshes": self.hessian_refreshes,
-            "hessian_skipped": self.hessian_skipped,
+            "refresher": self.refresher.state_dict() if self.refresher is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -430,16 +351,20 @@ class OptimLitModule(L.LightningModule):
                 f"This checkpoint was written with optimizer {extra['optimizer_name']!r}, but this run uses "
                 f"{self.optimizer_name!r}; resume with optimizer={extra['optimizer_name']} or start fresh."
             )
-        if extra["estimator"] is not None:
-            self.estimator = build_estimator(extra["estimator"]["name"], seed=extra["estimator"]["seed"])
-            if self.estimator.name == "hutchinson":
-                self.estimator.distribution = self.hessian_cfg["distribution"]
-                self.estimator.n_probes = int(self.hessian_cfg["n_probes"])
-            self.estimator.load_state_dict(extra["estimator"])
-        self.refresh_rng.set_state(extra["refresh_rng"])
+        state = extra.get("refresher")
+        if "refresh_rng" in extra:  # written before the refresher existed: the same state, flat
+            state = {
+                "estimator": extra["estimator"],
+                "schedule_rng": extra["refresh_rng"],
+                "refreshes": extra["hessian_refreshes"],
+                "skipped": extra["hessian_skipped"],
+            }
+        if state is not None:
+            if self.refresher is not None:
+                self.refresher.load_state_dict(state)
+            else:
+                self._refresher_state = state
         self.nonfinite_skipped = extra["nonfinite_skipped"]
-        self.hessian_refreshes = extra["hessian_refreshes"]
-        self.hessian_skipped = extra["hessian_skipped"]
         if extra["micro"]:
             log.warning("checkpoint was taken mid accumulation window; the partial window is dropped")
 

@@ -1,0 +1,420 @@
+"""Keeping an optimizer's diagonal-Hessian estimate fresh during training, in any training loop.
+
+:class:`HessianRefresher` holds what a loop needs around the estimators: which estimator the
+optimizer consumes (``"auto"``), when to refresh (every ``every_k`` optimizer steps, or at random
+with probability ``refresh_prob`` from its own seeded generator), the estimate itself (from a fresh
+forward, or sharing the training forward), averaging it across data-parallel ranks (a ``reduce``
+callable), counting refreshes and rejected (non-finite) estimates, and a ``state_dict`` of plain
+types for checkpoints. Torch only: the template's Lightning module uses it, and so can a plain loop::
+
+    import torch.nn.functional as F
+    from flatsophia.hessian import HessianRefresher
+    from flatsophia.optim import SophiaH
+
+    opt = SophiaH(model.parameters(), lr=1e-3)
+    refresher = HessianRefresher(opt, model=model, every_k=10)  # estimator="auto": Hutchinson here
+    for step, (x, y) in enumerate(loader):
+        forward, loss_fn = (lambda: model(x)), (lambda out: F.cross_entropy(out, y))
+        estimates = None
+        if refresher.shares_forward(step):  # one forward for the gradient and the estimate
+            loss, estimates = refresher.forward_backward(forward, loss_fn)
+        else:
+            loss = loss_fn(forward())
+            loss.backward()
+        refresher.maybe_refresh(step, forward, loss_fn, estimates)  # -> opt.update_hessian
+        opt.step()
+        opt.zero_grad()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "refresher": refresher.state_dict()}, path)
+
+The two lines with ``shares_forward`` are an optimisation; ``loss.backward()`` then
+``maybe_refresh(step, forward, loss_fn)`` alone is the same schedule with a fresh forward on refresh
+steps. With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double
+backward) ``shares_forward`` is ``False``; wrap the training pass instead, so the refresh reuses its
+gradient and replays its dropout masks (one extra forward+backward per refresh); in the loop::
+
+        with refresher.training_pass(step):
+            loss = loss_fn(forward())
+            loss.backward()
+        refresher.maybe_refresh(step, forward, loss_fn)
+
+Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken with
+``torch.autograd.grad`` bypass DDP's gradient hooks, so each rank's estimate is averaged here), call
+``maybe_refresh`` with the unwrapped module's forward, and ``shares_forward`` is always ``False``
+(the training gradient must go through DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention
+
+__all__ = ["HessianRefresher", "check_estimator_fits", "distributed_mean"]
+
+Estimates = list[torch.Tensor | None]
+
+
+def check_estimator_fits(asked: str, needed: str, optimizer_name: str) -> None:
+    """Raise ``ValueError`` unless the estimator asked for (``auto`` fits all) is the one the optimizer needs.
+
+    The message lists the valid combinations from the optimizer registry.
+    """
+    if asked not in ("auto", needed):
+        from flatsophia.optim.factory import estimator_combinations
+
+        raise ValueError(
+            f"hessian={asked} does not fit optimizer={optimizer_name}, which needs {needed!r}. "
+            f"Valid combinations: {estimator_combinations()} (hessian=auto picks the right one)."
+        )
+
+
+def distributed_mean(flat: torch.Tensor) -> torch.Tensor:
+    """Mean of ``flat`` over the ranks of the default ``torch.distributed`` process group (a ``reduce``)."""
+    torch.distributed.all_reduce(flat)
+    return flat.div_(torch.distributed.get_world_size())
+
+
+def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    from flatsophia.optim.factory import spec_for
+
+    spec = spec_for(optimizer)
+    return spec.name if spec else type(optimizer).__name__
+
+
+class HessianRefresher:
+    """Refreshes ``optimizer``'s Hessian estimate on schedule; see the module docstring for a loop.
+
+    Args:
+        optimizer: the optimizer (its ``hessian_estimator`` attribute names the estimator it
+            consumes: ``"none"``, ``"gnb"`` or ``"hutchinson"``; ``hessian_params()`` and
+            ``update_hessian(estimates) -> bool`` are called).
+        estimator: ``"auto"`` (the one the optimizer consumes), that estimator's name (anything else
+            raises ``ValueError`` listing the valid combinations), or a
+            :class:`~flatsophia.hessian.base.HessianEstimator` instance of the right kind.
+        model: the network (unwrapped, not the DDP wrapper); needed for ``hvp="finite_difference"``,
+            whose perturbed pass restores its buffers (BatchNorm statistics).
+        every_k: refresh at every ``every_k``-th optimizer step (steps 0, k, 2k, ...).
+        refresh_prob: instead, refresh each step with this probability (always at step 0), drawn
+            from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
+        distribution, n_probes: Hutchinson's probe distribution and probes per estimate.
+        seed: seed of the estimator's generator.
+        hvp: Hutchinson's Hessian-vector product, ``"autograd"`` (double backward) or
+            ``"finite_difference"`` (two gradients, see :meth:`Hutchinson.finite_difference
+            <flatsophia.hessian.hutchinson.Hutchinson.finite_difference>` and :meth:`training_pass`);
+            ignored (with a warning) by the other estimators.
+        reduce: ``flat_tensor -> mean over ranks`` (e.g. :func:`distributed_mean`, or Lightning's
+            ``strategy.reduce``); ``None`` on one process.
+        optimizer_name: name used in messages (default: the registry name of the optimizer's class).
+
+    Attributes:
+        estimator: the :class:`~flatsophia.hessian.base.HessianEstimator`, or ``None`` for a
+            first-order optimizer (then every method is a no-op).
+        estimator_name: ``"none"``, ``"gnb"`` or ``"hutchinson"``.
+        refreshes: estimates the optimizer accepted; ``skipped``: estimates it rejected (NaN/inf).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        estimator: str | HessianEstimator = "auto",
+        *,
+        model: nn.Module | None = None,
+        every_k: int = 10,
+        refresh_prob: float | None = None,
+        distribution: str = "gaussian",
+        n_probes: int = 1,
+        seed: int = 0,
+        hvp: str = "autograd",
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        optimizer_name: str | None = None,
+    ):
+        if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
+            raise ValueError(f"Invalid every_k: {every_k!r} (expected an integer >= 1)")
+        if refresh_prob is not None and (
+            not isinstance(refresh_prob, (int, float)) or isinstance(refresh_prob, bool) or not 0 < refresh_prob <= 1
+        ):
+            raise ValueError(f"Invalid refresh_prob: {refresh_prob!r} (expected None or a number in (0, 1])")
+        self.optimizer = optimizer
+        self.model = model
+        self.every_k = every_k
+        self.refresh_prob = refresh_prob
+        self.seed = seed
+        self.reduce = reduce
+        self.optimizer_name = optimizer_name or _optimizer_name(optimizer)
+        self.refreshes = 0
+        self.skipped = 0
+        self._rng: torch.Generator | None = None  # created on first use (see `rng`)
+        self._pass: _TrainingPass | None = None  # recorded by training_pass for a finite difference
+
+        needed = getattr(optimizer, "hessian_estimator", "none")
+        asked = estimator.name if isinstance(estimator, HessianEstimator) else estimator
+        if asked == "auto" and needed == "none" and (every_k != 10 or refresh_prob):
+            warnings.warn(
+                f"hessian.every_k/refresh_prob are set but optimizer {self.optimizer_name!r} uses no "
+                "Hessian estimate; they are ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+        check_estimator_fits(asked, needed, self.optimizer_name)
+        if hvp != "autograd" and needed != "hutchinson":
+            warnings.warn(
+                f"hessian.hvp={hvp} only applies to the Hutchinson estimator; optimizer "
+                f"{self.optimizer_name!r} uses {needed!r}, so it is ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self.estimator_name = needed
+        if isinstance(estimator, HessianEstimator):
+            self.estimator: HessianEstimator | None = estimator
+        else:
+            kwargs = {"seed": seed}
+            if needed == "hutchinson":
+                kwargs.update(distribution=distribution, n_probes=n_probes, hvp=hvp)
+            self.estimator = build_estimator(needed, **kwargs)
+        if self.finite_difference and model is None:
+            raise ValueError(
+                "hvp=finite_difference needs model= (the network: its buffers, e.g. BatchNorm "
+                "statistics, are restored after the perturbed pass)"
+            )
+
+    @property
+    def finite_difference(self) -> bool:
+        """Whether the estimate takes ``H v`` from two gradients (Hutchinson, ``hvp="finite_difference"``)."""
+        return getattr(self.estimator, "hvp", None) == "finite_difference"
+
+    # -------------------------------------------------------------- schedule
+    @property
+    def rng(self) -> torch.Generator:
+        """Generator of the random schedule (seeded with ``seed + 1``)."""
+        if self._rng is None:
+            self._rng = torch.Generator().manual_seed(int(self.seed) + 1)
+        return self._rng
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step ``step`` refreshes. The random schedule draws on every call:
+        call it once per optimizer step that is taken (``maybe_refresh`` does), so a resumed run
+        draws the same stream."""
+        if self.refresh_prob is None:
+            return step % self.every_k == 0
+        draw = torch.rand((), generator=self.rng).item()
+        return step == 0 or draw < self.refresh_prob
+
+    def shares_forward(self, step: int) -> bool:
+        """Whether step ``step``'s refresh can share the training forward (:meth:`forward_backward`).
+
+        Both estimators can: Hutchinson differentiates the training gradient once more, and
+        Gauss-Newton-Bartlett samples its labels from the training logits and back-propagates the
+        sampled-label loss through the same graph. Only on one process (``reduce is None``: under
+        DDP the training gradient must go through DDP's hooks) and with the fixed every-k schedule
+        (the random one draws when the step is taken, after the loop's checks).
+        """
+        return (
+            self.estimator_name in ("hutchinson", "gnb")
+            and hasattr(self.estimator, "from_loss")
+            and not self.finite_difference
+            and self.reduce is None
+            and self.refresh_prob is None
+            and step % self.every_k == 0
+        )
+
+    def _due_without_drawing(self, step: int) -> bool:
+        """What :meth:`due` will answer for ``step``, leaving the random schedule's stream as it is."""
+        if self.refresh_prob is None:
+            return step % self.every_k == 0
+        peek = torch.Generator().set_state(self.rng.get_state())
+        return step == 0 or torch.rand((), generator=peek).item() < self.refresh_prob
+
+    @contextlib.contextmanager
+    def training_pass(self, step: int, loss_divisor: float = 1):
+        """Wrap the training forward+backward (the last micro-batch's) of optimizer step ``step``.
+
+        With ``hvp="finite_difference"``, on a step whose refresh is due, it records the global RNG
+        state before the pass (CPU and the parameters' CUDA devices) and this pass's gradient of
+        each Hessian parameter (tensor hooks: before DDP's all-reduce and before accumulation into
+        ``.grad``); :meth:`maybe_refresh` for the same step then replays the pass at
+        ``theta + eps v`` and takes ``H v`` from the two gradients. ``loss_divisor``: the pass
+        back-propagates ``loss / loss_divisor`` (micro-batches accumulated). Otherwise a no-op.
+        """
+        self._pass = None
+        if not (self.finite_difference and self._due_without_drawing(step)):
+            yield
+            return
+        params = self.optimizer.hessian_params()
+        record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), loss_divisor)
+        handles = [p.register_hook(record.hook(i)) for i, p in enumerate(params) if p.requires_grad]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        self._pass = record
+
+    # -------------------------------------------------------------- estimate
+    def forward_backward(
+        self,
+        forward: Callable[[], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        loss_divisor: float = 1,
+    ) -> tuple[torch.Tensor, Estimates]:
+        """One forward for both the training gradient and the Hessian estimate.
+
+        The gradient of ``loss_fn(forward()) / loss_divisor`` is added to ``.grad`` of the
+        optimizer's Hessian parameters (as ``backward()`` would; ``loss_divisor`` is the number of
+        accumulated micro-batches), and the estimate is returned for :meth:`maybe_refresh` or
+        :meth:`apply` (not applied yet, so a loop can drop it with a step it skips).
+
+        Returns:
+            ``(loss, estimates)`` with the undivided loss.
+        """
+        params = self.optimizer.hessian_params()
+        with math_attention(getattr(self.estimator, "math_sdpa", False)):
+            logits = forward()
+            loss = loss_fn(logits)
+            grads, estimates = self._run(lambda: self.estimator.from_loss(loss, params, logits=logits))
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            g = g / loss_divisor if loss_divisor != 1 else g
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        return loss, estimates
+
+    def estimate(
+        self, forward: Callable[[], torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Estimates:
+        """The estimator's output for ``loss_fn(forward())``, one entry per Hessian parameter.
+
+        With ``hvp="finite_difference"`` it reuses the gradient and RNG state recorded by
+        :meth:`training_pass` (consumed here); without one, it takes both gradients itself.
+        """
+        params = self.optimizer.hessian_params()
+        if self.finite_difference:
+            record, self._pass = self._pass, None
+            if record is None:
+                return self.estimator(forward, loss_fn, params, module=self.model)
+            return self.estimator.finite_difference(
+                record.grads,
+                forward,
+                loss_fn,
+                params,
+                rng_state=record.rng_state,
+                module=self.model,
+                loss_divisor=record.loss_divisor,
+            )
+        return self._run(lambda: self.estimator(forward, loss_fn, params))
+
+    def _run(self, fn):
+        try:
+            return fn()
+        except RuntimeError as err:
+            if "derivative" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
+                raise RuntimeError(
+                    f"The {self.estimator_name} Hessian estimate failed for this model ({err}). "
+                    f"Optimizer {self.optimizer_name!r} needs a model that supports double backward; "
+                    "use optimizer=adamw or soap with it."
+                ) from err
+            raise
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, estimates: Sequence[torch.Tensor | None]) -> bool:
+        """Average ``estimates`` across ranks (``reduce``) and hand them to ``update_hessian``.
+
+        Returns whether the optimizer accepted them (it rejects NaN/inf, leaving its state untouched);
+        counted in ``refreshes`` / ``skipped``.
+        """
+        estimates = self._reduce(list(estimates))
+        if self.optimizer.update_hessian(estimates):
+            self.refreshes += 1
+            return True
+        self.skipped += 1
+        return False
+
+    def _reduce(self, tensors: Estimates) -> Estimates:
+        """One ``reduce`` call over all estimates, flattened into one float32 (or wider) vector."""
+        if self.reduce is None:
+            return tensors
+        live = [i for i, t in enumerate(tensors) if t is not None]
+        if not live:
+            return tensors
+        dtype = torch.float32
+        for i in live:
+            dtype = torch.promote_types(dtype, tensors[i].dtype)
+        flat = self.reduce(torch.cat([tensors[i].reshape(-1).to(dtype) for i in live]))
+        out = list(tensors)
+        offset = 0
+        for i in live:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view_as(tensors[i]).to(tensors[i].dtype)
+            offset += n
+        return out
+
+    def refresh(self, forward: Callable[[], torch.Tensor], loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Estimate now (a fresh forward through ``forward``) and :meth:`apply` it."""
+        return self.apply(self.estimate(forward, loss_fn))
+
+    def maybe_refresh(
+        self,
+        step: int,
+        forward: Callable[[], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        estimates: Sequence[torch.Tensor | None] | None = None,
+    ) -> bool:
+        """Call once per optimizer step taken, before ``optimizer.step()``.
+
+        Applies ``estimates`` when given (from :meth:`forward_backward` on a step where
+        :meth:`shares_forward`), else refreshes through ``forward`` if :meth:`due`. Returns whether
+        a refresh was applied (accepted or not: see ``refreshes`` and ``skipped``).
+        """
+        if self.estimator is None:
+            return False
+        if self._pass is not None and self._pass.step != step:
+            self._pass = None  # recorded for a step that was not taken
+        if estimates is None:
+            if not self.due(step):
+                self._pass = None
+                return False
+            estimates = self.estimate(forward, loss_fn)
+        self.apply(estimates)
+        return True
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Plain types only (tensors, ints, strings, dicts): loads with ``torch.load(weights_only=True)``."""
+        return {
+            "estimator": self.estimator.state_dict() if self.estimator is not None else None,
+            "schedule_rng": self.rng.get_state(),
+            "refreshes": self.refreshes,
+            "skipped": self.skipped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (the estimator's generators, the schedule's stream, the counters)."""
+        if state.get("estimator") is not None and self.estimator is not None:
+            self.estimator.load_state_dict(state["estimator"])
+        self.rng.set_state(state["schedule_rng"])
+        self.refreshes = int(state["refreshes"])
+        self.skipped = int(state["skipped"])
+
+
+class _TrainingPass:
+    """What :meth:`HessianRefresher.training_pass` records: the RNG state before the pass and the
+    pass's own gradient of each Hessian parameter (``None`` where the loss does not reach it)."""
+
+    def __init__(self, step: int, rng_state: dict, n: int, loss_divisor: float):
+        self.step, self.rng_state, self.loss_divisor = step, rng_state, loss_divisor
+        self.grads: Estimates = [None] * n
+
+    def hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def capture(grad: torch.Tensor) -> None:
+            # a copy: the tensor may become .grad, which DDP averages and clipping scales in place
+            g = grad.detach().clone()
+            self.grads[i] = g if self.grads[i] is None else self.grads[i].add_(g)
+
+        return capture
