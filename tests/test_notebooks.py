@@ -6,8 +6,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from demo_sweep import write_demo_sweep
 from nbclient import NotebookClient
+
+from demo_sweep import write_demo_sweep
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -9,7 +9,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from demo_sweep import DEMO_RUNS, write_demo_sweep
-
 from flatsophia.experiments import studies
 from flatsophia.experiments.studies import (
     STUDIES,

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from demo_sweep import write_demo_sweep
-
 from flatsophia.experiments.summarize import fmt_mean_std, summarize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -190,11 +190,26 @@ def test_bf16_mixed_precision_steps_outside_autocast(tmp_path, name):
     assert any(not torch.equal(a, b) for a, b in zip(module.parameters(), before))
 
 
-def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
+def test_step_time_is_amortised_over_one_refresh_period(tmp_path, monkeypatch):
     """``time/step_ms`` is the mean over the last ``every_k`` steps, so every logged value carries
-    one refresh's cost (a per-step time logged every 10 steps would never include a refresh step)."""
-    import time
+    one refresh's cost (a per-step time logged every 10 steps would never include a refresh step).
 
+    The module's clock is replaced by a fake one (5 ms per step, +100 ms per refresh), so the
+    expected values are exact and a busy machine cannot change them."""
+    import types
+
+    from flatsophia.modules import optim_module
+
+    now = [0.0]
+
+    def perf_counter():
+        now[0] += 0.005  # each reading advances 5 ms: a step (start -> end) lasts 5 ms
+        return now[0] - 0.005
+
+    def slow_refresh():
+        now[0] += 0.1
+
+    monkeypatch.setattr(optim_module, "time", types.SimpleNamespace(perf_counter=perf_counter))
     module = make_module("sophia_h", hessian={"every_k": 4})
     logged = []
     log = module.log
@@ -205,13 +220,12 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path):
         return log(name, value, *args, **kwargs)
 
     module.log = spy
-    slow_refresh = Spy(before=lambda: time.sleep(0.1))
-    trainer(tmp_path, callbacks=[slow_refresh], max_steps=10).fit(module, loader(dataset(n=80)))
-    assert slow_refresh.calls == [0, 4, 8]
-    assert len(logged) == 10
-    # from the 4th step on, every 4-step window holds exactly one 100 ms refresh
-    assert all(25.0 <= v < 100.0 for v in logged[3:]), logged
-    assert logged[0] >= 100.0  # step 0 refreshes; its window is itself
+    refreshes = Spy(before=slow_refresh)
+    trainer(tmp_path, callbacks=[refreshes], max_steps=10).fit(module, loader(dataset(n=80)))
+    assert refreshes.calls == [0, 4, 8]
+    # steps 0-2: growing windows starting at the refresh of step 0; from step 3 on, every 4-step
+    # window holds exactly one 100 ms refresh: (105 + 3 * 5) / 4 = 30 ms
+    assert logged == pytest.approx([105.0, 55.0, 115 / 3, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0, 30.0])
 
 
 @pytest.mark.parametrize(
