@@ -65,6 +65,8 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
+    if hasattr(datamodule, "check_available"):
+        datamodule.check_available()  # missing files (download=false) stop the run before the model is built
     model = build_module(cfg, datamodule, **module_overrides)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))

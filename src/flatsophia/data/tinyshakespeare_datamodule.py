@@ -48,6 +48,8 @@ class TinyShakespeareDataModule(CharLMDataModule):
         num_classes: int | None = VOCAB_SIZE,
         num_workers: int = 0,
         pin_memory: bool = False,
+        kind: str | None = "tokens",
+        input_shape: list[int] | None = None,
     ):
         super().__init__(
             max_chars=max_chars,
@@ -62,6 +64,8 @@ class TinyShakespeareDataModule(CharLMDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             data_dir=data_dir,
+            kind=kind,
+            input_shape=input_shape,
         )
         self.download = bool(download)
         self.url = url
