@@ -68,8 +68,8 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
     if hasattr(datamodule, "check_available"):
         datamodule.check_available()  # missing files (download=false) stop the run before the model is built
     model = build_module(cfg, datamodule, **module_overrides)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     objects = {
