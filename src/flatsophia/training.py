@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from flatsophia.callbacks import ValidateAtMaxSteps
 from flatsophia.utils import (
     instantiate_callbacks,
     instantiate_loggers,
@@ -71,7 +72,9 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # ValidateAtMaxSteps: a run stopped by max_steps inside an epoch validates before it ends.
+    callbacks_all = [*callbacks, ValidateAtMaxSteps()]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks_all, logger=loggers or False)
     objects = {
         "cfg": cfg,
         "datamodule": datamodule,
