@@ -90,6 +90,11 @@ def test_gpu_trainers_are_refused_without_a_gpu(make_cfg, no_gpu, trainer):
     )
 
 
+def test_the_refusal_names_the_accelerator_when_it_was_overridden(make_cfg, no_gpu):
+    with pytest.raises(ValueError, match=r"^trainer.accelerator=gpu needs a CUDA GPU and none was found"):
+        validate_config(make_cfg(["trainer=cpu", "trainer.accelerator=gpu"]))
+
+
 def test_mps_is_refused_without_apple_silicon(make_cfg, no_gpu):
     with pytest.raises(ValueError, match=r"trainer=mps needs an Apple-silicon GPU \(MPS\) and none was found"):
         validate_config(make_cfg(["trainer=mps"]))

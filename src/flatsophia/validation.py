@@ -266,7 +266,8 @@ def check_hardware(cfg: DictConfig) -> None:
     trainer = cfg.get("trainer") or {}
     accelerator = str(trainer.get("accelerator") or "cpu").lower()
     choice = _choice("trainer")
-    label = f"trainer={choice}" if choice else f"trainer.accelerator={accelerator}"
+    chosen = (group_options("trainer").get(choice) or {}).get("accelerator") if choice else None
+    label = f"trainer={choice}" if chosen == accelerator else f"trainer.accelerator={accelerator}"
     instead = "use trainer=cpu, or trainer=ddp_sim to exercise DDP on the CPU"
     mps = torch.backends.mps.is_available()
     if accelerator in ("gpu", "cuda") and not (accelerator == "gpu" and mps):
