@@ -191,3 +191,34 @@ def test_loggers_instantiate(make_cfg, option, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     loggers = instantiate_loggers(make_cfg([f"logger={option}"], tiny=False).get("logger"))
     assert (len(loggers) == 0) == (option == "none")
+
+
+def _tuned_files() -> list[tuple[str, str]]:
+    """``(optimizer, data)`` of every conf/tuned/<optimizer>_<data>.yaml."""
+    data = options("data")
+    out = []
+    for name in options("tuned"):
+        (d,) = [d for d in data if name.endswith(f"_{d}")]
+        out.append((name[: -len(d) - 1], d))
+    return out
+
+
+@pytest.mark.parametrize(("optimizer", "data"), _tuned_files())
+def test_tuned_settings_apply_to_their_data_without_an_experiment(make_cfg, optimizer, data):
+    cfg = make_cfg([f"optimizer={optimizer}", f"data={data}"], tiny=False)
+    assert HydraConfig.get().runtime.choices.tuned == f"{optimizer}_{data}"
+    tuned = OmegaConf.load(CONF_DIR / "tuned" / f"{ALIASES.get(optimizer, optimizer)}_{data}.yaml")
+    assert tuned and all(cfg.optimizer[k] == v for k, v in tuned.items()), "the composed optimizer has the tuned values"
+    reference = OmegaConf.load(CONF_DIR / "optimizer" / f"{ALIASES.get(optimizer, optimizer)}.yaml")
+    assert make_cfg([f"optimizer={optimizer}", f"data={data}", "optimizer.lr=0.123"], tiny=False).optimizer.lr == 0.123
+    other = next(d for d in options("data") if (optimizer, d) not in _tuned_files())
+    assert make_cfg([f"optimizer={optimizer}", f"data={other}"], tiny=False).optimizer.lr == reference.lr
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_do_not_take_the_default_workloads_tuned_settings(make_cfg, experiment):
+    make_cfg([f"experiment={experiment}"], tiny=False)
+    assert HydraConfig.get().runtime.choices.get("tuned") is None, (
+        f"experiment/{experiment}.yaml should turn conf/tuned off (`- override /tuned: null`): an experiment pins "
+        "its own settings, and keys it leaves to the optimizer config would otherwise change with data=mnist1d"
+    )
