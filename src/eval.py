@@ -19,10 +19,12 @@ from omegaconf import DictConfig  # noqa: E402
 
 from flatsophia.training import evaluate  # noqa: E402
 from flatsophia.utils import extras  # noqa: E402
+from flatsophia.validation import validate_config  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    validate_config(cfg)  # a refused choice is named before the config is printed (a misfit may not resolve)
     extras(cfg)
     metrics, _ = evaluate(cfg)
     if rank_zero_only.rank == 0:

@@ -22,10 +22,12 @@ from omegaconf import DictConfig  # noqa: E402
 
 from flatsophia.training import train  # noqa: E402
 from flatsophia.utils import extras, get_metric_value  # noqa: E402
+from flatsophia.validation import validate_config  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    validate_config(cfg)  # a refused choice is named before the config is printed (a misfit may not resolve)
     extras(cfg)
     metrics, _ = train(cfg)
     shown = {k: round(v, 4) for k, v in sorted(metrics.items()) if k.startswith(("val/", "test/"))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from flatsophia.validation import validate_config
 
@@ -52,3 +53,57 @@ def test_bad_config_value_is_named(make_cfg, overrides, message):
 @pytest.mark.parametrize("optimizer", ["adamw", "sophia", "sophia_g", "sophia_h", "flat_sophia", "soap"])
 def test_default_configs_pass(make_cfg, optimizer):
     validate_config(make_cfg([f"optimizer={optimizer}"]))
+
+
+#: (overrides, fragments the message must hold): pairs and settings refused by what they are, not by a value.
+BAD_COMBINATIONS = [
+    (["model=gpt"], ["model=gpt needs token sequences (data=charlm", "data=mnist1d provides 1-D signals", "vit1d"]),
+    (["data=cifar10", "model=vit1d"], ["model=vit1d needs 1-D signals", "data=cifar10 provides images", "resnet"]),
+    (["data=charlm", "model=vit"], ["model=vit needs images", "data=charlm provides token sequences", "gpt, mlp"]),
+    (["data=charlm", "optimized_metric=val/acc"], ["optimized_metric=val/acc is not logged for token sequences"]),
+    (["data=digits", "optimized_metric=val/ppl"], ["optimized_metric=val/ppl is not logged for images"]),
+    (["data.kind=video"], ["Invalid data.kind: 'video'"]),
+    (["~data.kind"], ["data=mnist1d does not say what it provides: add `kind: signal | image | tokens`"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), BAD_COMBINATIONS, ids=[" ".join(o) for o, _ in BAD_COMBINATIONS])
+def test_bad_combination_is_refused_naming_both_sides(make_cfg, overrides, fragments):
+    with pytest.raises(ValueError) as info:
+        validate_config(make_cfg(overrides, tiny="run"))
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp"])
+def test_gpu_trainers_are_refused_without_a_gpu(make_cfg, no_gpu, trainer):
+    with pytest.raises(ValueError) as info:
+        validate_config(make_cfg([f"trainer={trainer}"]))
+    assert str(info.value) == (
+        f"trainer={trainer} needs a CUDA GPU and none was found; use trainer=cpu, or trainer=ddp_sim to exercise "
+        "DDP on the CPU"
+    )
+
+
+def test_the_refusal_names_the_accelerator_when_it_was_overridden(make_cfg, no_gpu):
+    with pytest.raises(ValueError, match=r"^trainer.accelerator=gpu needs a CUDA GPU and none was found"):
+        validate_config(make_cfg(["trainer=cpu", "trainer.accelerator=gpu"]))
+
+
+def test_mps_is_refused_without_apple_silicon(make_cfg, no_gpu):
+    with pytest.raises(ValueError, match=r"trainer=mps needs an Apple-silicon GPU \(MPS\) and none was found"):
+        validate_config(make_cfg(["trainer=mps"]))
+
+
+def test_more_gpus_than_the_machine_has_is_refused(make_cfg, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"trainer=ddp asks for trainer.devices=4 GPUs and this machine has 1"):
+        validate_config(make_cfg(["trainer=ddp"]))
+    validate_config(make_cfg(["trainer=ddp", "trainer.devices=1"]))

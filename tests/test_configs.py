@@ -10,9 +10,11 @@ import hydra
 import pytest
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from flatsophia.optim import ALIASES, OPTIMIZERS, param_groups
+from flatsophia.validation import model_accepts
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = [
@@ -30,6 +32,8 @@ GROUPS = [
     "experiment",
     "ablation",
 ]
+#: Groups whose files are `# @package _global_` overlays.
+GLOBAL_GROUPS = ("debug", "experiment", "ablation", "hparams_search")
 HAS_OPTUNA_SWEEPER = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
 
 
@@ -37,30 +41,36 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def data_for(group: str, option: str) -> list[str]:
+    """For a model option, ``data=<first option it takes>``; nothing for other groups."""
+    if group != "model":
+        return []
+    accepts = model_accepts(OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml")._target_)
+    data = next(d for d in options("data") if OmegaConf.load(CONF_DIR / "data" / f"{d}.yaml").kind in accepts)
+    return [f"data={data}"]
+
+
 def resolved(cfg) -> dict:
     """The config without the hydra node, with every interpolation resolved."""
     return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
 
 
-#: A partner choice that the option needs (model configs read keys of their kind of data).
-PARTNER = {
-    ("data", "charlm"): "model=gpt",
-    ("data", "tinyshakespeare"): "model=gpt",
-    ("data", "digits"): "model=mlp",
-    ("data", "cifar10"): "model=vit",
-    ("data", "cifar100"): "model=resnet",
-    ("model", "gpt"): "data=charlm",
-    ("model", "vit"): "data=digits",
-    ("model", "resnet"): "data=cifar10",
-}
-
-
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_group_option_composes(make_cfg, group, option):
-    partner = [PARTNER[group, option]] if (group, option) in PARTNER else []
-    cfg = make_cfg([f"{group}={option}", *partner], tiny=False)
+    """Each option composes alone with the other defaults, every interpolation resolves, and its keys arrive.
+
+    A model comes with data it takes (the first data option of a kind in its ``accepts``): a model
+    reads the data's shape, and e.g. vit cannot find an image side in a 1-D signal's shape (that
+    pair is refused by the config check, tests/test_compose.py).
+    """
+    cfg = make_cfg([f"{group}={option}", *data_for(group, option)], tiny=False)
     out = resolved(cfg)
-    assert out["task_name"]
+    assert HydraConfig.get().runtime.choices[group] == option
+    raw = OmegaConf.load(CONF_DIR / group / f"{option}.yaml") or {}
+    package = out if group in GLOBAL_GROUPS else out[group] or {}
+    for key in raw:
+        if key not in ("defaults", "hydra"):
+            assert key in package, f"{group}/{option}.yaml sets {key!r}, missing from the composed config"
     if group == "optimizer":
         assert out["module"]["optimizer_name"] == option
 
@@ -158,52 +168,6 @@ def test_run_dirs_have_sub_second_stamps(make_cfg):
     assert "%f" in OmegaConf.to_container(cfg.hydra.sweep)["dir"]
 
 
-# Model x data combinations that fit (input kind and task). CIFAR files are never downloaded here:
-# their models get random inputs of the data config's declared shape.
-COMBOS = [
-    ("vit1d", "mnist1d"),
-    ("mlp", "mnist1d"),
-    ("mlp", "digits"),
-    ("mlp", "cifar10"),
-    ("vit", "digits"),
-    ("vit", "cifar10"),
-    ("vit", "cifar100"),
-    ("resnet", "digits"),
-    ("resnet", "cifar100"),
-    ("gpt", "charlm"),
-    ("gpt", "tinyshakespeare"),
-]
-SMALL = {
-    "vit": ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"],
-    "gpt": ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "data.max_chars=20000", "data.block_size=32"],
-}
-LOADABLE = {"mnist1d", "digits", "charlm"}
-
-
-@pytest.mark.parametrize(("model", "data"), COMBOS)
-def test_model_data_forward(make_cfg, model, data):
-    over = [f"model={model}", f"data={data}", *SMALL.get(model, [])]
-    if data == "mnist1d":
-        over += ["data.num_samples=1000", "data.n_val=200"]
-    cfg = make_cfg(over, tiny=False)
-    dm = hydra.utils.instantiate(cfg.data)
-    net = hydra.utils.instantiate(cfg.model)
-    if data in LOADABLE:
-        dm.prepare_data()
-        dm.setup("fit")
-        x, y = next(iter(dm.train_dataloader()))
-    elif dm.task == "lm":
-        x = torch.randint(0, dm.num_classes, (2, *dm.input_shape))
-    else:
-        x = torch.randn(2, *dm.input_shape)
-    logits = net(x)
-    if dm.task == "lm":
-        assert logits.shape == (*x.shape, dm.num_classes)
-    else:
-        assert logits.shape == (len(x), dm.num_classes)
-    assert torch.isfinite(logits).all()
-
-
 @pytest.mark.parametrize("option", options("callbacks"))
 def test_callbacks_instantiate(make_cfg, option):
     from flatsophia.utils import instantiate_callbacks
@@ -227,3 +191,34 @@ def test_loggers_instantiate(make_cfg, option, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     loggers = instantiate_loggers(make_cfg([f"logger={option}"], tiny=False).get("logger"))
     assert (len(loggers) == 0) == (option == "none")
+
+
+def _tuned_files() -> list[tuple[str, str]]:
+    """``(optimizer, data)`` of every conf/tuned/<optimizer>_<data>.yaml."""
+    data = options("data")
+    out = []
+    for name in options("tuned"):
+        (d,) = [d for d in data if name.endswith(f"_{d}")]
+        out.append((name[: -len(d) - 1], d))
+    return out
+
+
+@pytest.mark.parametrize(("optimizer", "data"), _tuned_files())
+def test_tuned_settings_apply_to_their_data_without_an_experiment(make_cfg, optimizer, data):
+    cfg = make_cfg([f"optimizer={optimizer}", f"data={data}"], tiny=False)
+    assert HydraConfig.get().runtime.choices.tuned == f"{optimizer}_{data}"
+    tuned = OmegaConf.load(CONF_DIR / "tuned" / f"{ALIASES.get(optimizer, optimizer)}_{data}.yaml")
+    assert tuned and all(cfg.optimizer[k] == v for k, v in tuned.items()), "the composed optimizer has the tuned values"
+    reference = OmegaConf.load(CONF_DIR / "optimizer" / f"{ALIASES.get(optimizer, optimizer)}.yaml")
+    assert make_cfg([f"optimizer={optimizer}", f"data={data}", "optimizer.lr=0.123"], tiny=False).optimizer.lr == 0.123
+    other = next(d for d in options("data") if (optimizer, d) not in _tuned_files())
+    assert make_cfg([f"optimizer={optimizer}", f"data={other}"], tiny=False).optimizer.lr == reference.lr
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiments_do_not_take_the_default_workloads_tuned_settings(make_cfg, experiment):
+    make_cfg([f"experiment={experiment}"], tiny=False)
+    assert HydraConfig.get().runtime.choices.get("tuned") is None, (
+        f"experiment/{experiment}.yaml should turn conf/tuned off (`- override /tuned: null`): an experiment pins "
+        "its own settings, and keys it leaves to the optimizer config would otherwise change with data=mnist1d"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import math
 import os
 import subprocess
@@ -13,6 +15,7 @@ import torch
 
 from flatsophia.optim import OPTIMIZERS
 from flatsophia.training import evaluate, train
+from flatsophia.utils import get_metric_value, metric_sweeper
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DEFAULT = ["data.num_samples=1000", "data.n_val=200", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
@@ -100,17 +103,66 @@ def test_resume_from_checkpoint(make_cfg, tmp_path, optimizer):
     """Every optimizer's checkpoint is tensors and plain data (weights_only=True), and resumes."""
     cfg = checkpoint_run(make_cfg, "trainer.max_epochs=1", f"optimizer={optimizer}")
     _, objects = train(cfg)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    assert last.is_file() and objects["trainer"].global_step == 3
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    last = folder / "last.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]  # best + last
+    assert objects["trainer"].global_step == 3
     saved = torch.load(last, weights_only=True)  # the module's extra entry and the hparams included
+    assert (saved["epoch"], saved["global_step"]) == (0, 3)
     assert saved["flatsophia"]["optimizer_name"] == saved["hyper_parameters"]["optimizer_name"] == optimizer
     opt_state = objects["model"].optimizers().optimizer.state_dict()
     cfg = checkpoint_run(make_cfg, "trainer.max_epochs=2", f"ckpt_path={last}", f"optimizer={optimizer}")
     metrics, objects = train(cfg)
     assert objects["trainer"].global_step == 6  # 3 restored + 3 new optimizer steps
+    assert objects["trainer"].current_epoch == 2  # the second epoch ran, the first was not repeated
     resumed = objects["model"].optimizers().optimizer.state_dict()
     assert len(resumed["state"]) == len(opt_state["state"])
+    assert torch.load(last, weights_only=False)["global_step"] == 6  # last.ckpt follows the run
+    best = [p.name for p in folder.iterdir() if p.name != "last.ckpt"]
+    assert len(best) == 1 and best[0] in ("epoch_000.ckpt", "epoch_001.ckpt")  # save_top_k=1
     finite(metrics, "val/loss", "test/loss")
+
+
+def test_one_epoch_with_a_double_validation_loop(make_cfg):
+    """val_check_interval=0.5: two validations inside the epoch, each logged."""
+    cfg = checkpoint_run(make_cfg, "++trainer.limit_train_batches=4", "trainer.val_check_interval=0.5")
+    metrics, objects = train(cfg)
+    assert objects["trainer"].global_step == 4
+    rows = list(csv.DictReader(open(next(Path(cfg.paths.output_dir).glob("csv/*/metrics.csv")))))
+    assert [int(r["step"]) for r in rows if r.get("val/loss")] == [1, 3]  # after batches 2 and 4
+    finite(metrics, "val/loss", "val/acc", "test/loss")
+
+
+@pytest.mark.parametrize("stop", ["trainer.max_steps=5", "trainer.max_time=00:00:00:01"])
+def test_a_run_stopped_inside_an_epoch_validates_and_checkpoints(make_cfg, stop):
+    """max_steps / max_time inside the first epoch: the run validates before it ends (val/*, checkpoints)."""
+    over = ["++trainer.limit_train_batches=1.0", "trainer.max_epochs=50", "data.batch_size=2", stop]
+    if "max_time" in stop:
+        over += ["optimizer=sophia_h", "hessian.every_k=1"]  # slow steps: 1 s passes inside the first epoch
+    cfg = checkpoint_run(make_cfg, *over)
+    metrics, objects = train(cfg)
+    trainer = objects["trainer"]
+    assert 0 < trainer.global_step < 400  # inside the first epoch: 800 signals / 2 per batch = 400 steps
+    if "max_steps" in stop:
+        assert trainer.global_step == 5
+    finite(metrics, "val/loss", "val/acc", "val/loss_best", "test/loss")
+    assert get_metric_value(metrics, cfg.optimized_metric) == metrics["val/loss"]  # what src/train.py returns
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+
+
+def test_optimized_metric_is_needed_only_where_a_sweeper_optimises_it(make_cfg, caplog):
+    make_cfg()  # a single run (Hydra's RUN mode): a missing metric is a warning
+    assert metric_sweeper() is None
+    assert get_metric_value({"val/loss": 1.0}, "val/acc") is None
+    assert "optimized_metric=val/acc was not logged (logged: val/loss)" in caplog.text
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("hydra-optuna-sweeper is not installed")
+    make_cfg(["hparams_search=optuna"])  # a multirun whose sweeper optimises the returned metric
+    assert metric_sweeper() == "OptunaSweeper"
+    with pytest.raises(ValueError, match=r"The OptunaSweeper sweeper optimises optimized_metric=val/acc, which"):
+        get_metric_value({"val/loss": 1.0}, "val/acc")
+    assert get_metric_value({"val/acc": 0.5}, "val/acc") == 0.5
 
 
 def test_resume_missing_checkpoint(make_cfg):
@@ -148,10 +200,14 @@ def test_eval_errors(make_cfg, tmp_path):
 @pytest.mark.slow
 def test_ddp_sim(make_cfg):
     """Two CPU processes (ddp_spawn); FlatSophia's Hessian estimates are averaged across ranks."""
-    cfg = make_cfg(["trainer=ddp_sim", "optimizer=flat_sophia", "hessian.every_k=1", "test=false"])
+    cfg = checkpoint_run(make_cfg, "trainer=ddp_sim", "optimizer=flat_sophia", "hessian.every_k=1", "test=false")
     metrics, objects = train(cfg)
     assert objects["trainer"].world_size == 2
-    finite(metrics, "val/loss")
+    finite(metrics, "val/loss", "val/acc")
+    saved = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3  # each rank: 3 batches, 3 optimizer steps
+    assert saved["flatsophia"]["hessian_refreshes"] == 3  # a refresh at every step, none skipped
+    assert saved["flatsophia"]["hessian_skipped"] == 0
 
 
 @pytest.mark.slow

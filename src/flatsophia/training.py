@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from flatsophia.callbacks import ValidateAtMaxSteps
 from flatsophia.security import UntrustedCheckpointError, load_checkpoint_file, use_atomic_checkpoint_io
 from flatsophia.utils import (
     instantiate_callbacks,
@@ -68,11 +69,15 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     datamodule = hydra.utils.instantiate(cfg.data)
+    if hasattr(datamodule, "check_available"):
+        datamodule.check_available()  # missing files (download=false) stop the run before the model is built
     model = build_module(cfg, datamodule, **module_overrides)
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # ValidateAtMaxSteps: a run stopped by max_steps inside an epoch validates before it ends.
+    callbacks_all = [*callbacks, ValidateAtMaxSteps()]
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks_all, logger=loggers or False)
     use_atomic_checkpoint_io(trainer)  # checkpoints written to a temp file and renamed: no half-written last.ckpt
     objects = {
         "cfg": cfg,

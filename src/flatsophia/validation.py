@@ -3,18 +3,23 @@
 One place for every check of the template's options: the ``hessian``, ``scheduler`` and ``module``
 blocks (also used by :class:`~flatsophia.modules.optim_module.OptimLitModule` when it is built
 directly), the Trainer options manual optimization forbids, and the optimizer's hyperparameters
-(checked by building it on a dummy parameter). Each check raises ``ValueError`` naming the key, the
-bad value and what is accepted, so a sweep fails in its first second rather than after an hour.
-Messages about valid combinations are built from the optimizer registry.
+(checked by building it on a dummy parameter), the data x model pair (the data config's ``kind``
+against the model's ``accepts``) and the hardware the trainer asks for. Each check raises
+``ValueError`` naming the key, the bad value and what is accepted, so a sweep fails in its first
+second rather than after an hour. Messages about valid combinations are built from the optimizer
+registry and from the options in ``conf/``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int
+from flatsophia.data._base import KINDS
 from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES
 from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
 from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, get_spec
@@ -32,6 +37,9 @@ __all__ = [
     "check_estimator_fits",
     "check_trainer_config",
     "check_choice",
+    "check_data_model",
+    "check_hardware",
+    "group_options",
     "validate_config",
 ]
 
@@ -148,6 +156,128 @@ def check_hessian(cfg: DictConfig, optimizer_name: str | None) -> None:
     check_estimator_fits(hessian["estimator"], needed, optimizer_name)
 
 
+#: How messages name each data kind.
+KIND_NOUNS = {"signal": "1-D signals", "image": "images", "tokens": "token sequences"}
+
+
+def _conf_dirs() -> list[Path]:
+    """The config folders of the running Hydra app (its ``conf/``), else the repository's ``conf/``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    dirs = []
+    if HydraConfig.initialized():
+        for source in HydraConfig.get().runtime.get("config_sources", []):
+            if source.get("schema") == "file":
+                dirs.append(Path(source.path))
+    dirs.append(Path(__file__).resolve().parents[2] / "conf")
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
+
+
+def group_options(group: str) -> dict[str, DictConfig]:
+    """``{option: raw config}`` of the top-level ``*.yaml`` files of config group ``group``, by name."""
+    out: dict[str, DictConfig] = {}
+    for root in _conf_dirs():
+        for path in sorted((root / group).glob("*.yaml")):
+            out.setdefault(path.stem, OmegaConf.load(path))
+    return dict(sorted(out.items()))
+
+
+def _choice(group: str) -> str | None:
+    """The option chosen for ``group`` in the running Hydra app (``None`` outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def model_accepts(target: str | None) -> tuple[str, ...] | None:
+    """The data kinds the model ``_target_`` declares it takes (its ``accepts``); ``None`` if it declares none."""
+    if not target:
+        return None
+    try:
+        obj = hydra.utils.get_object(str(target))
+    except Exception:  # a wrong _target_ is reported by instantiate, with Hydra's message
+        return None
+    accepts = getattr(obj, "accepts", None)
+    return tuple(accepts) if accepts is not None else None
+
+
+def _either(items: list[str], last: str = "or") -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+
+
+def check_data_model(cfg: DictConfig) -> None:
+    """Refuse a data x model pair that cannot work, naming both and the options that fit.
+
+    The data config declares ``kind`` (signal, image or tokens); the model's class (or function)
+    declares the kinds it takes as ``accepts``. Models that declare nothing are not checked.
+    """
+    data, model = cfg.get("data"), cfg.get("model")
+    if not data or not model:
+        return
+    data_label = f"data={_choice('data') or data.get('_target_')}"
+    kind = data.get("kind")
+    if kind is None:
+        raise ValueError(
+            f"{data_label} does not say what it provides: add `kind: {' | '.join(KINDS)}` (with `input_shape` and "
+            "`num_classes`) to its config; model configs read these three keys."
+        )
+    check_choice("data.kind", kind, KINDS)
+    accepts = model_accepts(model.get("_target_"))
+    if accepts is None or kind in accepts:
+        return
+    model_label = f"model={_choice('model') or model.get('_target_')}"
+    data_options = group_options("data")
+    fitting_data = [f"data={name}" for name, c in data_options.items() if c.get("kind") in accepts]
+    fitting_models = [
+        name for name, c in group_options("model").items() if kind in (model_accepts(c.get("_target_")) or ())
+    ]
+    needs = _either([KIND_NOUNS[k] for k in accepts])
+    raise ValueError(
+        f"{model_label} needs {needs}" + (f" ({_either(fitting_data)})" if fitting_data else "")
+        + f"; {data_label} provides {KIND_NOUNS[kind]}. "
+        + (f"Models for {KIND_NOUNS[kind]}: {', '.join(fitting_models)}." if fitting_models else "")
+    )
+
+
+def check_metric_fits(cfg: DictConfig) -> None:
+    """Refuse an ``optimized_metric`` the task never logs (accuracy of a language model, perplexity of a classifier)."""
+    metric, kind = cfg.get("optimized_metric"), (cfg.get("data") or {}).get("kind")
+    if not metric or kind not in KINDS:
+        return
+    name = str(metric).rsplit("/", 1)[-1]
+    lm = kind == "tokens"
+    if (lm and name.startswith("acc")) or (not lm and name.startswith("ppl")):
+        logged = "val/loss, val/loss_best, val/ppl" if lm else "val/loss, val/loss_best, val/acc, val/acc_best"
+        raise ValueError(
+            f"optimized_metric={metric} is not logged for {KIND_NOUNS[kind]} (data={_choice('data') or kind}); "
+            f"validation logs {logged}."
+        )
+
+
+def check_hardware(cfg: DictConfig) -> None:
+    """Refuse a trainer that asks for a GPU (CUDA or Apple MPS) this machine does not have."""
+    trainer = cfg.get("trainer") or {}
+    accelerator = str(trainer.get("accelerator") or "cpu").lower()
+    choice = _choice("trainer")
+    chosen = (group_options("trainer").get(choice) or {}).get("accelerator") if choice else None
+    label = f"trainer={choice}" if chosen == accelerator else f"trainer.accelerator={accelerator}"
+    instead = "use trainer=cpu, or trainer=ddp_sim to exercise DDP on the CPU"
+    mps = torch.backends.mps.is_available()
+    if accelerator in ("gpu", "cuda") and not (accelerator == "gpu" and mps):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{label} needs a CUDA GPU and none was found; {instead}")
+        devices, count = trainer.get("devices"), torch.cuda.device_count()
+        if isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
+            raise ValueError(
+                f"{label} asks for trainer.devices={devices} GPUs and this machine has {count}; "
+                f"set trainer.devices={count} (or fewer)"
+            )
+    elif accelerator == "mps" and not mps:
+        raise ValueError(f"{label} needs an Apple-silicon GPU (MPS) and none was found; {instead}")
+
+
 def check_data(cfg: DictConfig) -> None:
     data = cfg.get("data", {})
     for key in ("batch_size", "eval_batch_size"):
@@ -174,6 +304,9 @@ def validate_config(cfg: DictConfig) -> None:
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"Invalid seed: {seed!r} (expected an integer or null)")
     check_trainer_config(cfg.get("trainer", {}))
+    check_hardware(cfg)
+    check_data_model(cfg)
+    check_metric_fits(cfg)
     check_module(cfg)
     check_data(cfg)
     check_scheduler_block(merge_block("scheduler", _container(cfg.get("scheduler")), SCHEDULER_DEFAULTS))

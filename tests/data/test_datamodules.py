@@ -155,6 +155,32 @@ def test_cifar_missing_files_is_a_clear_error(tmp_path, cls, folder):
 
 def test_cifar_declared_shape():
     dm = CIFAR100DataModule(image_size=64)
-    assert (dm.num_classes, dm.input_shape) == (100, (3, 64, 64))
+    assert (dm.kind, dm.num_classes, dm.input_shape) == ("image", 100, (3, 64, 64))
     with pytest.raises(ValueError, match="num_classes"):
         CIFAR10DataModule(num_classes=100)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kind", "task"),
+    [
+        (MNIST1DDataModule, "signal", "classification"),
+        (DigitsDataModule, "image", "classification"),
+        (CIFAR10DataModule, "image", "classification"),
+        (CIFAR100DataModule, "image", "classification"),
+        (CharLMDataModule, "tokens", "lm"),
+        (TinyShakespeareDataModule, "tokens", "lm"),
+    ],
+)
+def test_declared_kind_is_checked(cls, kind, task):
+    assert (cls.kind, cls.task) == (kind, task)
+    wrong = "image" if kind != "image" else "signal"
+    with pytest.raises(ValueError, match=rf"Invalid data\.kind: '{wrong}'; this dataset has kind='{kind}'"):
+        cls(kind=wrong)
+
+
+@pytest.mark.parametrize("cls", [CIFAR10DataModule, TinyShakespeareDataModule])
+def test_missing_files_are_found_before_anything_else(tmp_path, cls):
+    with pytest.raises(FileNotFoundError, match=r"data\.download=true"):
+        cls(data_dir=str(tmp_path)).check_available()
+    cls(data_dir=str(tmp_path), download=True).check_available()  # prepare_data will fetch them
+    MNIST1DDataModule(data_dir=str(tmp_path)).check_available()  # generated data: nothing to check

@@ -60,6 +60,26 @@ def test_mlp():
     assert MLP(input_shape=40, num_classes=3, hidden_sizes=[])(torch.randn(2, 40)).shape == (2, 3)
     with pytest.raises(ValueError, match="activation"):
         MLP(input_shape=[4], num_classes=2, activation="swish2")
+    with pytest.raises(ValueError, match="kind"):
+        MLP(input_shape=[4], num_classes=2, kind="video")
+
+
+def test_mlp_on_tokens_predicts_each_next_token_from_its_context_only():
+    torch.manual_seed(0)
+    model = MLP(input_shape=[12], num_classes=256, hidden_sizes=[32], kind="tokens", context=3, embed_dim=8).eval()
+    idx = torch.randint(0, 256, (2, 12))
+    logits = model(idx)
+    assert logits.shape == (2, 12, 256)
+    changed = idx.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 256
+    diff = (model(changed) - logits).abs().amax(dim=(0, 2))
+    assert torch.all(diff[:6] == 0), "a position sees no later token"
+    assert torch.all(diff[6:9] > 0) and torch.all(diff[9:] == 0), "and only its context of 3 tokens"
+
+
+def test_models_declare_the_data_they_take():
+    assert MLP.accepts == ("signal", "image", "tokens")
+    assert ViT1D.accepts == ("signal",) and GPT.accepts == ("tokens",) and timm_model.accepts == ("image",)
 
 
 def test_gpt_shapes_causality_and_tying():

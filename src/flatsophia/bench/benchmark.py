@@ -228,10 +228,10 @@ def _experiment_model(name: str, batch: int | None):
     with initialize_config_dir(config_dir=str(project_root() / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"experiment={name}"])
     model = instantiate(cfg.model)
-    if "block_size" not in cfg.data or "vocab_size" not in cfg.data:
-        raise SystemExit(f"--model experiment={name}: only language-model experiments (data with block_size and "
-                         "vocab_size, e.g. sophia_charlm) are supported")
-    b, t, v = batch or int(cfg.data.batch_size), int(cfg.data.block_size), int(cfg.data.vocab_size)
+    if cfg.data.get("kind") != "tokens":
+        raise SystemExit(f"--model experiment={name}: only language-model experiments (token data, e.g. "
+                         "sophia_charlm) are supported")
+    b, t, v = batch or int(cfg.data.batch_size), int(cfg.data.input_shape[0]), int(cfg.data.num_classes)
     x, y = torch.randint(0, v, (b, t)), torch.randint(0, v, (b, t))
     n = sum(p.numel() for p in model.parameters())
     desc = f"experiment={name}: {cfg.model._target_.rsplit('.', 1)[-1]} ({n:,} parameters), batch {b}x{t} tokens"

@@ -12,12 +12,16 @@ from flatsophia.checks import check_int
 
 TASKS = ("classification", "lm")
 
+#: What a dataset gives a model (``data.kind``): 1-D signals ``[L]`` or ``[C, L]``, images ``[C, H, W]``,
+#: or token sequences ``[T]`` (int64 ids, next-token targets: the ``lm`` task).
+KINDS = ("signal", "image", "tokens")
+
 
 def check_declared(name: str, given, actual) -> None:
     """Raise if a value the config declares (for models to interpolate) differs from the data's.
 
-    Data configs carry ``num_classes``/``input_shape``/... so that model configs can read them as
-    ``${data.num_classes}``; the datamodule checks them so a wrong edit cannot go unnoticed.
+    Data configs carry ``kind``, ``input_shape`` and ``num_classes`` so that model configs can read
+    them as ``${data.num_classes}``; the datamodule checks them so a wrong edit cannot go unnoticed.
     """
     if given is None:
         return
@@ -48,14 +52,20 @@ def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[torch.Tensor]
 class TensorSplitsDataModule(L.LightningDataModule):
     """Base class: subclasses fill ``self.data_train/val/test`` in ``setup``; this builds the loaders.
 
-    Attributes every datamodule of the project sets: ``task`` (``"classification"`` or ``"lm"``),
-    ``num_classes`` (classes, or vocabulary size for ``lm``) and ``input_shape`` (of one example,
-    without the batch dimension). Batches are ``(x, y)`` tuples.
+    Attributes every datamodule of the project sets: ``kind`` (one of :data:`KINDS`), ``task``
+    (``"classification"``, or ``"lm"`` for token data), ``num_classes`` (classes, or vocabulary size
+    for ``lm``) and ``input_shape`` (of one example, without the batch dimension). Batches are
+    ``(x, y)`` tuples.
+
+    Datamodules whose files can be missing define ``_check_present()`` (raising
+    ``FileNotFoundError`` with what to fetch) and a ``download`` flag; :meth:`check_available` runs
+    that check before the model is built.
 
     ``batch_size`` is per device (process): under DDP the global batch is
     ``batch_size * devices * num_nodes``.
     """
 
+    kind: str = "signal"
     task: str = "classification"
     num_classes: int
     input_shape: tuple[int, ...]
@@ -79,6 +89,17 @@ class TensorSplitsDataModule(L.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
+
+    def check_available(self) -> None:
+        """Raise ``FileNotFoundError`` now if the data files are missing and ``download`` is off.
+
+        Called by the training function right after the datamodule is built, so that a missing
+        dataset stops the run before the model is built (Lightning would only find out in
+        ``prepare_data``). A no-op for generated or embedded data.
+        """
+        check = getattr(self, "_check_present", None)
+        if check is not None and not getattr(self, "download", False):
+            check()
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

@@ -65,10 +65,12 @@ class CharLMDataModule(TensorSplitsDataModule):
         val_fraction, test_fraction: shares of the windows held out.
         batch_size, eval_batch_size, num_workers, pin_memory: ``DataLoader`` options.
         split_seed: seed of the window assignment.
-        vocab_size, num_classes: declared for the model configs (both 256); checked.
+        kind, input_shape, num_classes: declared for the model configs (``tokens``,
+            ``[block_size]``, 256); checked (``vocab_size`` too).
         data_dir: unused by the embedded corpus (kept for a uniform config).
     """
 
+    kind = "tokens"
     task = "lm"
     corpus_name = "stdlib"
 
@@ -86,6 +88,8 @@ class CharLMDataModule(TensorSplitsDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         data_dir: str | None = None,
+        kind: str | None = "tokens",
+        input_shape: list[int] | None = None,
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
         self.max_chars = check_int("data.max_chars", max_chars, 2)
@@ -99,6 +103,8 @@ class CharLMDataModule(TensorSplitsDataModule):
         self.data_dir = data_dir
         self.num_classes = self.vocab_size = VOCAB_SIZE
         self.input_shape = (block_size,)
+        check_declared("kind", kind, self.kind)
+        check_declared("input_shape", input_shape, self.input_shape)
         check_declared("vocab_size", vocab_size, VOCAB_SIZE)
         check_declared("num_classes", num_classes, VOCAB_SIZE)
         self.corpus_sha256: str | None = None

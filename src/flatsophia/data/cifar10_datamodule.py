@@ -38,9 +38,10 @@ class CIFARDataModuleBase(TensorSplitsDataModule):
         augment: random crop (padding 4) and horizontal flip on training images.
         image_size: side length fed to the model; images are resized when it is not 32.
         split_seed: seed of the train/validation split.
-        num_classes, in_chans, input_shape: declared for the model configs; checked.
+        kind, num_classes, input_shape: declared for the model configs; checked (``in_chans`` too).
     """
 
+    kind = "image"
     task = "classification"
     dataset_name: str = ""
     torchvision_class: str = ""
@@ -64,6 +65,7 @@ class CIFARDataModuleBase(TensorSplitsDataModule):
         input_shape: list[int] | None = None,
         num_workers: int = 2,
         pin_memory: bool = False,
+        kind: str | None = "image",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
         self.data_dir = str(data_dir)
@@ -75,6 +77,7 @@ class CIFARDataModuleBase(TensorSplitsDataModule):
         self.image_size = check_int("data.image_size", image_size, 1)
         self.num_classes = self.classes
         self.input_shape = (3, image_size, image_size)
+        check_declared("kind", kind, self.kind)
         check_declared("num_classes", num_classes, self.classes)
         check_declared("in_chans", in_chans, 3)
         check_declared("input_shape", input_shape, self.input_shape)

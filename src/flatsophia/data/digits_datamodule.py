@@ -23,9 +23,11 @@ class DigitsDataModule(TensorSplitsDataModule):
         n_val: validation images (default 180).
         n_test: test images (default 360).
         split_seed: seed of the split.
-        num_classes, image_size, in_chans, input_shape: declared for the model configs; checked.
+        kind, num_classes, input_shape: declared for the model configs; checked (``image_size`` and
+            ``in_chans``, read by older configs, too).
     """
 
+    kind = "image"
     task = "classification"
 
     def __init__(
@@ -42,6 +44,7 @@ class DigitsDataModule(TensorSplitsDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         data_dir: str | None = None,
+        kind: str | None = "image",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
         self.n_val = check_int("data.n_val", n_val, 0)
@@ -50,6 +53,7 @@ class DigitsDataModule(TensorSplitsDataModule):
             raise ValueError(f"Invalid data.n_val + data.n_test: {n_val + n_test} (the dataset has 1797 images)")
         self.num_classes = 10
         self.input_shape = (1, 8, 8)
+        check_declared("kind", kind, self.kind)
         check_declared("num_classes", num_classes, 10)
         check_declared("image_size", image_size, 8)
         check_declared("in_chans", in_chans, 1)

@@ -86,10 +86,11 @@ class MNIST1DDataModule(TensorSplitsDataModule):
         seq_len: signal length (``final_seq_length`` of ``mnist1d``; default 40).
         data_seed: seed of the generator (``mnist1d``'s ``seed``; default 42, the package's).
         split_seed: seed of the train/validation split.
-        num_classes, input_shape: declared for the model configs; checked against the data.
+        kind, num_classes, input_shape: declared for the model configs; checked against the data.
         num_workers, pin_memory: ``DataLoader`` options (0 workers suits 2-core machines).
     """
 
+    kind = "signal"
     task = "classification"
 
     def __init__(
@@ -107,6 +108,7 @@ class MNIST1DDataModule(TensorSplitsDataModule):
         input_shape: list[int] | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
+        kind: str | None = "signal",
     ):
         super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, split_seed)
         check_int("data.num_samples", num_samples, 10)
@@ -124,6 +126,7 @@ class MNIST1DDataModule(TensorSplitsDataModule):
         self.n_val = n_val
         self.num_classes = 10
         self.input_shape = (seq_len,)
+        check_declared("kind", kind, self.kind)
         check_declared("num_classes", num_classes, self.num_classes)
         check_declared("input_shape", input_shape, self.input_shape)
         self.args = _generation_args(num_samples, train_split, seq_len, data_seed)

@@ -89,6 +89,8 @@ class TinyShakespeareDataModule(CharLMDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         sha256: str | None = TINYSHAKESPEARE_SHA256,
+        kind: str | None = "tokens",
+        input_shape: list[int] | None = None,
     ):
         super().__init__(
             max_chars=max_chars,
@@ -103,6 +105,8 @@ class TinyShakespeareDataModule(CharLMDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             data_dir=data_dir,
+            kind=kind,
+            input_shape=input_shape,
         )
         if sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", str(sha256)):
             raise ValueError(f"Invalid data.sha256: {sha256!r} (expected 64 hex digits, or null to skip the check)")

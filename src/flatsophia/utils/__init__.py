@@ -7,7 +7,7 @@ from .instantiators import instantiate_callbacks, instantiate_loggers
 from .logging_utils import log_hyperparameters
 from .resolvers import register_resolvers
 from .rich_utils import print_config_tree
-from .utils import extras, finish_wandb, get_metric_value, task_wrapper
+from .utils import extras, finish_wandb, get_metric_value, metric_sweeper, task_wrapper
 
 register_resolvers()
 
@@ -18,6 +18,7 @@ __all__ = [
     "instantiate_callbacks",
     "instantiate_loggers",
     "log_hyperparameters",
+    "metric_sweeper",
     "print_config_tree",
     "register_resolvers",
     "task_wrapper",

@@ -14,7 +14,7 @@ from .rich_utils import print_config_tree
 
 log = logging.getLogger(__name__)
 
-__all__ = ["extras", "task_wrapper", "get_metric_value", "finish_wandb"]
+__all__ = ["extras", "task_wrapper", "get_metric_value", "finish_wandb", "metric_sweeper"]
 
 
 def extras(cfg: DictConfig) -> None:
@@ -68,15 +68,44 @@ def task_wrapper(task: Callable[[DictConfig], tuple[dict, dict]]) -> Callable[[D
     return wrapped
 
 
-def get_metric_value(metric_dict: dict[str, Any], metric_name: str | None) -> float | None:
-    """The value of ``metric_name`` in ``metric_dict`` as a float (``None`` if no name is given)."""
+def metric_sweeper() -> str | None:
+    """The sweeper of this multirun that optimises the returned metric (e.g. ``"OptunaSweeper"``).
+
+    ``None`` for a single run and for Hydra's basic sweeper, which ignore the returned value.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    target = str((hydra_cfg.get("sweeper") or {}).get("_target_") or "")
+    if hydra_cfg.mode != RunMode.MULTIRUN or not target or target.endswith(".BasicSweeper"):
+        return None
+    return target.rsplit(".", 1)[-1]
+
+
+def get_metric_value(
+    metric_dict: dict[str, Any], metric_name: str | None, required: bool | None = None
+) -> float | None:
+    """The value of ``metric_name`` in ``metric_dict`` as a float (``None`` if no name is given).
+
+    A metric that was not logged is an error only where it is ``required`` (by default: where a
+    sweeper optimises it, see :func:`metric_sweeper`); elsewhere a warning, and ``None``.
+    """
     if not metric_name:
         log.info("No optimized_metric given; returning None")
         return None
     if metric_name not in metric_dict:
-        raise ValueError(
-            f"Metric {metric_name!r} was not logged; logged metrics: {', '.join(sorted(metric_dict)) or 'none'}. "
-            "Check optimized_metric (and that validation ran)."
-        )
+        logged = ", ".join(sorted(metric_dict)) or "none"
+        sweeper = metric_sweeper()
+        if required or (required is None and sweeper):
+            who = f"The {sweeper} sweeper optimises" if sweeper else "This run needs"
+            raise ValueError(
+                f"{who} optimized_metric={metric_name}, which this run did not log (logged: {logged}). "
+                "Set optimized_metric to one of these, and check that validation runs (trainer.limit_val_batches)."
+            )
+        log.warning("optimized_metric=%s was not logged (logged: %s); only a sweeper needs it", metric_name, logged)
+        return None
     value = metric_dict[metric_name]
     return float(value.item() if hasattr(value, "item") else value)

@@ -72,6 +72,9 @@ class GPT(nn.Module):
         tie_weights: share the token embedding with the output head (as GPT-2 and nanoGPT).
     """
 
+    #: Data kinds this model takes (read by the config check, see flatsophia.validation).
+    accepts = ("tokens",)
+
     def __init__(
         self,
         vocab_size: int = 256,

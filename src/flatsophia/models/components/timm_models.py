@@ -31,3 +31,7 @@ def timm_model(name: str, small_stem: bool = False, **kwargs) -> nn.Module:
         model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
+
+
+#: Data kinds the timm models of the configs take (read by the config check, see flatsophia.validation).
+timm_model.accepts = ("image",)

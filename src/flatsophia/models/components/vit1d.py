@@ -33,6 +33,9 @@ class ViT1D(nn.Module):
         qkv_bias: bias in the query/key/value projection.
     """
 
+    #: Data kinds this model takes (read by the config check, see flatsophia.validation).
+    accepts = ("signal",)
+
     def __init__(
         self,
         input_shape: Sequence[int] | int = (40,),
