@@ -203,13 +203,20 @@ def _tuned_files() -> list[tuple[str, str]]:
     return out
 
 
+def _optimizer_file(name: str):
+    """conf/optimizer/<name>.yaml merged over the files its defaults list names (e.g. flat_sophia over sophia_h)."""
+    cfg = OmegaConf.load(CONF_DIR / "optimizer" / f"{name}.yaml")
+    parents = [d for d in cfg.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*[_optimizer_file(p) for p in parents], cfg) if parents else cfg
+
+
 @pytest.mark.parametrize(("optimizer", "data"), _tuned_files())
 def test_tuned_settings_apply_to_their_data_without_an_experiment(make_cfg, optimizer, data):
     cfg = make_cfg([f"optimizer={optimizer}", f"data={data}"], tiny=False)
     assert HydraConfig.get().runtime.choices.tuned == f"{optimizer}_{data}"
     tuned = OmegaConf.load(CONF_DIR / "tuned" / f"{ALIASES.get(optimizer, optimizer)}_{data}.yaml")
     assert tuned and all(cfg.optimizer[k] == v for k, v in tuned.items()), "the composed optimizer has the tuned values"
-    reference = OmegaConf.load(CONF_DIR / "optimizer" / f"{ALIASES.get(optimizer, optimizer)}.yaml")
+    reference = _optimizer_file(ALIASES.get(optimizer, optimizer))
     assert make_cfg([f"optimizer={optimizer}", f"data={data}", "optimizer.lr=0.123"], tiny=False).optimizer.lr == 0.123
     other = next(d for d in options("data") if (optimizer, d) not in _tuned_files())
     assert make_cfg([f"optimizer={optimizer}", f"data={other}"], tiny=False).optimizer.lr == reference.lr
