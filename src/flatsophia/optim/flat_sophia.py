@@ -17,7 +17,14 @@ from ._base import _SophiaBase
 from ._common import check_int, check_nonneg
 from .sophia_h import SophiaH
 
-__all__ = ["FlatSophia", "MASK_SOURCES", "build_masks", "global_threshold", "kth_largest"]
+__all__ = [
+    "FlatSophia",
+    "MASK_SOURCES",
+    "build_masks",
+    "distributed_kth_largest",
+    "global_threshold",
+    "kth_largest",
+]
 
 #: Where the sharpness mask comes from: the fresh estimate (reference), the Hessian EMA, or a
 #: random draw of the same size (a control: is it *which* coordinates are damped, or damping at all?).
@@ -240,3 +247,72 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
         return torch.kthvalue(flat, n - k + 1).values
     candidates = flat[inside]
     return torch.kthvalue(candidates, n_inside - (k - n_above) + 1).values
+
+
+#: Bits of the float's bit pattern resolved per all-reduce by :func:`distributed_kth_largest`.
+RADIX_BITS = 8
+_BIT_VIEWS = {torch.float32: (torch.int32, 31, 0x7F800000), torch.float64: (torch.int64, 63, 0x7FF0000000000000)}
+
+
+@torch.no_grad()
+def distributed_kth_largest(flat: torch.Tensor, k: int, group=None, *, radix_bits: int = RADIX_BITS) -> torch.Tensor:
+    """The ``k``-th largest value of the concatenation over ranks of each rank's 1-d ``flat``, exactly
+    (``torch.kthvalue`` on the concatenation), without gathering the values. torch.distributed only.
+
+    ``flat`` holds non-negative float32 or float64 values (``|estimate|``), no NaN; ranks may hold
+    different numbers of values, none included. ``group``: a process group, or a list of them to
+    sum over in turn (as :func:`flatsophia.sharding.shard_group` returns); ``None``: the default group.
+
+    **Method: a radix select on the bit pattern.** Non-negative IEEE floats order like their bit
+    patterns read as integers (31 significant bits in float32, 63 in float64), so the ``k``-th largest
+    value is found digit by digit, ``radix_bits`` bits at a time from the top: each round every rank
+    counts its candidates (values whose higher digits match the ones found so far) per value of the
+    next digit (a histogram of ``2**radix_bits`` counts), one all-reduce sums the histograms, and
+    every rank picks the same digit, the one whose bucket holds the ``k``-th largest from the top,
+    then keeps only its candidates in that bucket. With the default 8 bits: 4 all-reduces of 256
+    int64 counts for float32 (8 for float64); ``radix_bits=1`` is a plain bisection (31 all-reduces
+    of one count, plus one carrying the checks). Local work: one pass over ``flat`` and passes over
+    the shrinking candidates; each round waits for its all-reduce (a host sync).
+
+    Returns:
+        a 0-d tensor of ``flat``'s dtype and device, the same on every rank.
+
+    Raises:
+        ValueError: on every rank alike, if ``k`` is not in ``[1, n]`` (``n`` the total count) or a
+        value is negative or NaN.
+    """
+    if flat.dtype not in _BIT_VIEWS:
+        raise ValueError(f"distributed_kth_largest: float32 or float64 values expected, got {flat.dtype}")
+    if not isinstance(radix_bits, int) or not 1 <= radix_bits <= 16:
+        raise ValueError(f"Invalid radix_bits: {radix_bits!r} (expected an integer in [1, 16])")
+    groups = group if isinstance(group, (list, tuple)) else [group]
+    int_dtype, total_bits, inf_bits = _BIT_VIEWS[flat.dtype]
+    cand = flat.detach().reshape(-1).contiguous().view(int_dtype)
+    device = flat.device
+    prefix, remaining, hi, first = 0, int(k), total_bits, True
+    while hi > 0:
+        lo = max(0, hi - radix_bits)
+        width = hi - lo
+        digits = (cand >> lo) & ((1 << width) - 1)
+        hist = torch.bincount(digits.long(), minlength=1 << width)
+        if first:  # one more slot: values that are negative, NaN or above +inf (the same on all ranks)
+            bad = torch.count_nonzero((cand < 0) | (cand > inf_bits)).reshape(1)
+            hist = torch.cat([hist, bad])
+        for g in groups:
+            torch.distributed.all_reduce(hist, group=g)
+        if first:
+            if int(hist[-1]):
+                raise ValueError("distributed_kth_largest: the values must be non-negative and not NaN")
+            hist = hist[:-1]
+            n = int(hist.sum())
+            if not 1 <= remaining <= n:
+                raise ValueError(f"distributed_kth_largest: k={k} out of range for {n} values")
+            first = False
+        from_top = hist.flip(0).cumsum(0)  # from_top[j]: values whose digit is >= top - j
+        j = int(torch.searchsorted(from_top, torch.tensor([remaining], device=device)))
+        digit = (1 << width) - 1 - j
+        remaining -= int(from_top[j]) - int(hist[digit])  # values in higher buckets
+        prefix = (prefix << width) | digit
+        cand = cand[digits == digit]
+        hi = lo
+    return torch.tensor(prefix, dtype=int_dtype, device=device).view(flat.dtype)
