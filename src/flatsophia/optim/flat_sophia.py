@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._base import _SophiaBase
+from flatsophia.sharding import all_reduce_sum, any_dtensor, local, local_shard, shard_group, wrap_like
+
+from ._base import _global_sums, _SophiaBase
 from ._common import check_int, check_nonneg
 from .sophia_h import SophiaH
 
@@ -157,7 +159,8 @@ class FlatSophia(SophiaH):
             # Seeded by the step count, so the draw needs no extra state and resumes exactly.
             step = int(self.state[pairs[0][0]]["step"].item())
             g = torch.Generator().manual_seed(options["mask_seed"] * 1_000_003 + step)
-            sources = [torch.rand(p.shape, generator=g).to(p.device) for p, _ in pairs]
+            # Sharded parameters: the full draw on every rank, this rank's shard kept (as one process).
+            sources = [wrap_like(local_shard(torch.rand(p.shape, generator=g).to(p.device), p), p) for p, _ in pairs]
         else:
             sources = [e for _, e in pairs]
         masks = [self.state[p]["mask"] for p, _ in pairs]
@@ -169,8 +172,12 @@ class FlatSophia(SophiaH):
         out = super().stats()
         masks = [s["mask"] for s in self.state.values() if "mask" in s]
         if masks:
-            n = sum(m.numel() for m in masks)
-            out["masked_frac"] = sum((m != 1).sum() for m in masks).float() / n
+            n = sum(m.numel() for m in masks)  # global counts for DTensors
+            masked = sum((local(m) != 1).sum() for m in masks)
+            groups = shard_group(masks)
+            if groups:
+                (masked,) = _global_sums([masked], groups)
+            out["masked_frac"] = masked.float() / n
         return out
 
 
@@ -188,14 +195,36 @@ def build_masks(
     sharp_fraction: float,
     dampening_factor: int,
     threshold: Callable[[torch.Tensor, float], torch.Tensor | None] = global_threshold,
+    *,
+    group=None,
 ) -> None:
     """Write ``dampening_factor`` where ``|source| > tau`` and 1 elsewhere into each int8 mask, with
-    ``tau = threshold(|all sources, flattened and concatenated|, sharp_fraction)``."""
+    ``tau = threshold(|all sources, flattened and concatenated|, sharp_fraction)``.
+
+    Sharded: when the sources are DTensors (FSDP2 parameters), or a process ``group`` (or a list of
+    groups) is given for plain tensors that are this rank's part of a whole, ``tau`` is the ``k``-th
+    largest over all ranks' values, ``k = int(sharp_fraction * n)`` with ``n`` the global count,
+    found by :func:`distributed_kth_largest` (4 all-reduces of 256 counts in float32, one more to
+    count ``n`` when a ``group`` is given); each rank writes only its own masks.
+    """
+    groups = None
+    if any_dtensor(sources) or any_dtensor(masks):
+        groups = shard_group(list(sources) + list(masks))
+        n_total = sum(s.numel() for s in sources)  # a DTensor's numel is the global one
+        masks, sources = [local(m) for m in masks], [local(s) for s in sources]
+    elif group is not None:
+        groups = list(group) if isinstance(group, (list, tuple)) else [group]
+        count = torch.tensor([sum(s.numel() for s in sources)], dtype=torch.int64, device=masks[0].device)
+        n_total = int(all_reduce_sum(count, groups))
     dtype = torch.float32
     for s in sources:
         dtype = torch.promote_types(dtype, s.dtype)
     flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in sources]).abs_()
-    tau = threshold(flat, sharp_fraction)
+    if groups is not None:
+        k = int(sharp_fraction * n_total)
+        tau = distributed_kth_largest(flat, k, groups) if k else None
+    else:
+        tau = threshold(flat, sharp_fraction)
     offset = 0
     for mask, s in zip(masks, sources):
         if tau is None:

@@ -1,0 +1,106 @@
+"""Helpers for parameters sharded across ranks as DTensors (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+
+torch.distributed only (no Lightning). The optimizers and the Hessian estimators work on the local
+shard of each DTensor (:func:`local`: the shard itself, sharing storage, so in-place updates land
+in the sharded parameter) and reduce the few global quantities they need (norms, counts, the
+non-finite flag, FlatSophia's threshold) with scalar all-reduces over :func:`shard_group`. Nothing
+here gathers a full parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+try:  # torch built without distributed support has no DTensor
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+    distribute_tensor = None
+
+__all__ = [
+    "all_reduce_sum",
+    "any_dtensor",
+    "is_dtensor",
+    "local",
+    "local_shard",
+    "shard_group",
+    "wrap_like",
+]
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (e.g. a parameter or gradient sharded by FSDP2)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def any_dtensor(tensors: Iterable) -> bool:
+    """Whether any entry of ``tensors`` (``None`` entries allowed) is a DTensor."""
+    return any(is_dtensor(t) for t in tensors)
+
+
+def local(t):
+    """The local shard of a DTensor (the same storage: in-place ops on it update the DTensor), else ``t``."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def shard_group(tensors: Iterable) -> list | None:
+    """The process groups over which the DTensors among ``tensors`` are split, or ``None`` if none is one.
+
+    A sum over all coordinates of such tensors is the local sum all-reduced over each returned group
+    in turn (one group per mesh dimension that shards; replicated mesh dimensions hold copies and
+    are left out). Every DTensor must share one device mesh and placements (as FSDP2 lays out a
+    model's parameters and gradients); mixing them with plain tensors is refused, since a plain
+    tensor's coordinates would be counted once per rank.
+
+    Raises:
+        ValueError: mixed DTensors and plain tensors, or DTensors on different meshes or placements.
+    """
+    tensors = [t for t in tensors if t is not None]
+    dts = [t for t in tensors if is_dtensor(t)]
+    if not dts:
+        return None
+    if len(dts) != len(tensors):
+        raise ValueError(
+            "Some tensors are DTensors (sharded, e.g. by FSDP2) and some are not: shard every parameter the "
+            "optimizer holds (fully_shard the root module too), or none"
+        )
+    mesh, placements = dts[0].device_mesh, tuple(dts[0].placements)
+    for t in dts[1:]:
+        if t.device_mesh != mesh or tuple(t.placements) != placements:
+            raise ValueError(
+                f"DTensors with different layouts ({placements} on {mesh} and {tuple(t.placements)} on "
+                f"{t.device_mesh}): the sharded path needs one layout for all parameters (FSDP2's Shard(0))"
+            )
+    for p in placements:
+        if p.is_partial():
+            raise ValueError(f"Partial DTensor placements are not supported here: {placements}")
+    return [mesh.get_group(mesh_dim=i) for i, p in enumerate(placements) if p.is_shard()]
+
+
+def all_reduce_sum(t: torch.Tensor, groups: Sequence | None) -> torch.Tensor:
+    """Sum ``t`` in place over every group of ``groups`` (from :func:`shard_group`; ``None``: no-op)."""
+    for g in groups or ():
+        torch.distributed.all_reduce(t, group=g)
+    return t
+
+
+def local_shard(full: torch.Tensor, like) -> torch.Tensor:
+    """The part of ``full`` (the whole, unsharded tensor, the same on every rank) that this rank holds
+    of the DTensor ``like``, with no communication; ``full`` itself if ``like`` is a plain tensor.
+
+    Used to draw a random tensor exactly as one process would (the full draw from a generator
+    seeded alike on every rank) and keep this rank's shard: a sharded run then sees the same probes
+    as an unsharded one, at the cost of drawing the full tensor on every rank.
+    """
+    if not is_dtensor(like):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def wrap_like(t: torch.Tensor, like):
+    """``t``, this rank's shard, as a DTensor laid out like ``like`` (``t`` itself if ``like`` is plain)."""
+    if not is_dtensor(like):
+        return t
+    return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
