@@ -22,6 +22,8 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "all_reduce_sum",
     "any_dtensor",
+    "fully_shard_blocks",
+    "global_norm",
     "is_dtensor",
     "local",
     "local_shard",
@@ -92,11 +94,13 @@ def local_shard(full: torch.Tensor, like) -> torch.Tensor:
 
     Used to draw a random tensor exactly as one process would (the full draw from a generator
     seeded alike on every rank) and keep this rank's shard: a sharded run then sees the same probes
-    as an unsharded one, at the cost of drawing the full tensor on every rank.
+    as an unsharded one, at the cost of drawing the full tensor on every rank (all of a model's
+    coordinates per probe, one parameter's full size in memory at a time).
     """
     if not is_dtensor(like):
         return full
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    shard = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    return shard.clone(memory_format=torch.contiguous_format)  # a copy: the full draw can be freed
 
 
 def wrap_like(t: torch.Tensor, like):
@@ -104,3 +108,33 @@ def wrap_like(t: torch.Tensor, like):
     if not is_dtensor(like):
         return t
     return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
+
+
+def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all ``tensors`` together, in float32; DTensors' shards summed over their ranks (one
+    all-reduce of a scalar, no gather)."""
+    sq = torch.stack([torch.linalg.vector_norm(local(t).float()) for t in tensors]).square().sum()
+    return all_reduce_sum(sq, shard_group(tensors)).sqrt()
+
+
+def fully_shard_blocks(module: torch.nn.Module, mesh) -> torch.nn.Module:
+    """Apply FSDP2's ``fully_shard`` to every block of ``module`` (each entry of an ``nn.ModuleList``,
+    e.g. transformer blocks: its parameters are all-gathered only while it runs) and then to
+    ``module`` itself (the rest: embeddings, heads). Parameters are sharded along dim 0 over the
+    1-d ``mesh``. Returns ``module``, changed in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in list(_blocks(module)):
+        if any(p.requires_grad for p in block.parameters()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _blocks(module: torch.nn.Module):
+    """Entries of the outermost ``nn.ModuleList``s under ``module`` (not descending into them)."""
+    for child in module.children():
+        if isinstance(child, torch.nn.ModuleList):
+            yield from child
+        else:
+            yield from _blocks(child)
