@@ -322,11 +322,17 @@ def distributed_kth_largest(flat: torch.Tensor, k: int, group=None, *, radix_bit
     while hi > 0:
         lo = max(0, hi - radix_bits)
         width = hi - lo
-        digits = (cand >> lo) & ((1 << width) - 1)
-        hist = torch.bincount(digits.long(), minlength=1 << width)
-        if first:  # one more slot: values that are negative, NaN or above +inf (the same on all ranks)
-            bad = torch.count_nonzero((cand < 0) | (cand > inf_bits)).reshape(1)
-            hist = torch.cat([hist, bad])
+        if first:  # the top digit; negative, NaN or above-inf values flagged in one more slot
+            lowest, highest = torch.aminmax(cand) if cand.numel() else (0, 0)
+            bad = int(lowest < 0 or highest > inf_bits)
+            digits = cand >> lo
+            if bad:  # raised below, on every rank; keep bincount's input in range until then
+                digits = digits.clamp(0, (1 << width) - 1)
+            hist = torch.bincount(digits, minlength=1 << width)
+            hist = torch.cat([hist, hist.new_tensor([bad])])
+        else:
+            digits = (cand >> lo) & ((1 << width) - 1)
+            hist = torch.bincount(digits, minlength=1 << width)
         for g in groups:
             torch.distributed.all_reduce(hist, group=g)
         if first:
