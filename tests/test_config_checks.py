@@ -38,6 +38,9 @@ BAD_INPUTS = [
     (["data.batch_size=0"], "Invalid data.batch_size: 0"),
     (["trainer.max_steps=0"], "Invalid trainer.max_steps: 0"),
     (["seed=abc"], "Invalid seed: 'abc'"),
+    (["trainer=fsdp_sim", "optimizer=flat_sophia"], "Use hessian.hvp=finite_difference"),
+    (["trainer=fsdp", "optimizer=sophia_h", "hessian=hutchinson"], "cannot run on parameters sharded by FSDP2"),
+    (["trainer=fsdp_sim", "optimizer=soap"], "optimizer=soap does not run under FSDP2"),
 ]
 
 
@@ -52,3 +55,11 @@ def test_bad_config_value_is_named(make_cfg, overrides, message):
 @pytest.mark.parametrize("optimizer", ["adamw", "sophia", "sophia_g", "sophia_h", "flat_sophia", "soap"])
 def test_default_configs_pass(make_cfg, optimizer):
     validate_config(make_cfg([f"optimizer={optimizer}"]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["optimizer=sophia"], ["optimizer=flat_sophia", "hessian.hvp=finite_difference"], ["optimizer=adamw"]],
+)
+def test_fsdp_configs_pass(make_cfg, overrides):
+    validate_config(make_cfg(["trainer=fsdp_sim", *overrides]))

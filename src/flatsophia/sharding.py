@@ -118,10 +118,13 @@ def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def fully_shard_blocks(module: torch.nn.Module, mesh) -> torch.nn.Module:
-    """Apply FSDP2's ``fully_shard`` to every block of ``module`` (each entry of an ``nn.ModuleList``,
-    e.g. transformer blocks: its parameters are all-gathered only while it runs) and then to
-    ``module`` itself (the rest: embeddings, heads). Parameters are sharded along dim 0 over the
-    1-d ``mesh``. Returns ``module``, changed in place."""
+    """Apply FSDP2's ``fully_shard`` to every block of ``module`` and then to ``module`` itself.
+
+    Blocks are the composite entries (modules with submodules, e.g. transformer or residual blocks)
+    of the outermost ``nn.ModuleList`` / ``nn.Sequential`` containers below ``module``: each block's
+    parameters are all-gathered only while it runs. The root group holds the rest (embeddings,
+    heads, plain layers). Parameters are sharded along dim 0 over the 1-d ``mesh``. Returns
+    ``module``, changed in place."""
     from torch.distributed.fsdp import fully_shard
 
     for block in list(_blocks(module)):
@@ -132,9 +135,9 @@ def fully_shard_blocks(module: torch.nn.Module, mesh) -> torch.nn.Module:
 
 
 def _blocks(module: torch.nn.Module):
-    """Entries of the outermost ``nn.ModuleList``s under ``module`` (not descending into them)."""
+    """Composite entries of the outermost ``nn.ModuleList``/``nn.Sequential``s under ``module``."""
     for child in module.children():
-        if isinstance(child, torch.nn.ModuleList):
-            yield from child
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.Sequential)):
+            yield from (entry for entry in child if next(entry.children(), None) is not None)
         else:
             yield from _blocks(child)
