@@ -9,15 +9,10 @@ here gathers a full parameter.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 
 import torch
-
-try:  # torch built without distributed support has no DTensor
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover
-    DTensor = None
-    distribute_tensor = None
 
 __all__ = [
     "all_reduce_sum",
@@ -33,8 +28,12 @@ __all__ = [
 
 
 def is_dtensor(t) -> bool:
-    """Whether ``t`` is a DTensor (e.g. a parameter or gradient sharded by FSDP2)."""
-    return DTensor is not None and isinstance(t, DTensor)
+    """Whether ``t`` is a DTensor (e.g. a parameter or gradient sharded by FSDP2).
+
+    Without importing ``torch.distributed.tensor`` (0.6 s): no DTensor exists before it is imported.
+    """
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def any_dtensor(tensors: Iterable) -> bool:
@@ -99,6 +98,8 @@ def local_shard(full: torch.Tensor, like) -> torch.Tensor:
     """
     if not is_dtensor(like):
         return full
+    from torch.distributed.tensor import distribute_tensor
+
     shard = distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
     return shard.clone(memory_format=torch.contiguous_format)  # a copy: the full draw can be freed
 
@@ -107,6 +108,8 @@ def wrap_like(t: torch.Tensor, like):
     """``t``, this rank's shard, as a DTensor laid out like ``like`` (``t`` itself if ``like`` is plain)."""
     if not is_dtensor(like):
         return t
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
