@@ -32,8 +32,8 @@ CASES = {
 
 def _net():
     torch.manual_seed(0)
-    # odd sizes: uneven shards (5 rows -> 3 + 2, the bias of 3 -> 2 + 1)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    # odd sizes: uneven shards (5 rows -> 3 + 2, the bias of 3 -> 2 + 1), and empty ones (1 row -> 1 + 0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
 
 
 def _draws(params, seed):
@@ -106,6 +106,7 @@ def ranks():
 def test_shards_are_uneven(ranks):
     shapes0, shapes1 = ranks[0][("sophia_h", False, None)][2], ranks[1][("sophia_h", False, None)][2]
     assert shapes0[0] == (3, 6) and shapes1[0] == (2, 6) and shapes0[1] == (3,) and shapes1[1] == (2,)
+    assert shapes0[4] == (1, 3) and shapes1[4] == (0, 3) and shapes0[5] == (1,) and shapes1[5] == (0,)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
