@@ -288,9 +288,10 @@ def distributed_kth_largest(flat: torch.Tensor, k: int, group=None, *, radix_bit
     """The ``k``-th largest value of the concatenation over ranks of each rank's 1-d ``flat``, exactly
     (``torch.kthvalue`` on the concatenation), without gathering the values. torch.distributed only.
 
-    ``flat`` holds non-negative float32 or float64 values (``|estimate|``), no NaN; ranks may hold
-    different numbers of values, none included. ``group``: a process group, or a list of them to
-    sum over in turn (as :func:`flatsophia.sharding.shard_group` returns); ``None``: the default group.
+    ``flat`` holds non-negative float32 or float64 values (``|estimate|``; ``-0.0`` counts as
+    negative), no NaN; ranks may hold different numbers of values, none included. ``group``: a
+    process group, or a list of them to sum over in turn (as
+    :func:`flatsophia.sharding.shard_group` returns); ``None``: the default group.
 
     **Method: a radix select on the bit pattern.** Non-negative IEEE floats order like their bit
     patterns read as integers (31 significant bits in float32, 63 in float64), so the ``k``-th largest
@@ -301,7 +302,10 @@ def distributed_kth_largest(flat: torch.Tensor, k: int, group=None, *, radix_bit
     then keeps only its candidates in that bucket. With the default 8 bits: 4 all-reduces of 256
     int64 counts for float32 (8 for float64); ``radix_bits=1`` is a plain bisection (31 all-reduces
     of one count, plus one carrying the checks). Local work: one pass over ``flat`` and passes over
-    the shrinking candidates; each round waits for its all-reduce (a host sync).
+    the shrinking candidates; each round waits for its all-reduce (a host sync). Measured on 2 gloo
+    ranks, one thread each (shared CPU): 5.4M float32 values in all, ~66 ms (bisection ~670 ms;
+    :func:`kth_largest` over all of them on one process 53 ms); 1M, ~15 ms; the all-reduces
+    themselves ~0.2 ms each.
 
     Returns:
         a 0-d tensor of ``flat``'s dtype and device, the same on every rank.
