@@ -39,6 +39,9 @@ BAD_INPUTS = [
     (["data.batch_size=0"], "Invalid data.batch_size: 0"),
     (["trainer.max_steps=0"], "Invalid trainer.max_steps: 0"),
     (["seed=abc"], "Invalid seed: 'abc'"),
+    (["trainer=fsdp_sim", "optimizer=flat_sophia"], "Use hessian.hvp=finite_difference"),
+    (["trainer=fsdp", "optimizer=sophia_h", "hessian=hutchinson"], "cannot run on parameters sharded by FSDP2"),
+    (["trainer=fsdp_sim", "optimizer=soap"], "optimizer=soap does not run under FSDP2"),
 ]
 
 
@@ -107,3 +110,11 @@ def test_more_gpus_than_the_machine_has_is_refused(make_cfg, monkeypatch):
     with pytest.raises(ValueError, match=r"trainer=ddp asks for trainer.devices=4 GPUs and this machine has 1"):
         validate_config(make_cfg(["trainer=ddp"]))
     validate_config(make_cfg(["trainer=ddp", "trainer.devices=1"]))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["optimizer=sophia"], ["optimizer=flat_sophia", "hessian.hvp=finite_difference"], ["optimizer=adamw"]],
+)
+def test_fsdp_configs_pass(make_cfg, overrides):
+    validate_config(make_cfg(["trainer=fsdp_sim", *overrides]))

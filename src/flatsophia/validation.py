@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int
 from flatsophia.data._base import KINDS
-from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES
+from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES, SHARDED_AUTOGRAD
 from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
 from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, get_spec
 from flatsophia.optim.schedules import SCHEDULES
@@ -278,6 +278,24 @@ def check_hardware(cfg: DictConfig) -> None:
         raise ValueError(f"{label} needs an Apple-silicon GPU (MPS) and none was found; {instead}")
 
 
+def check_sharded(cfg: DictConfig, optimizer_name: str | None) -> None:
+    """Under FSDP2 (``trainer=fsdp``/``fsdp_sim``: Lightning's ModelParallelStrategy) refuse what
+    cannot run on sharded parameters: Hutchinson with ``hvp=autograd``, and SOAP."""
+    strategy = cfg.get("trainer", {}).get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
+    if not target.endswith("ModelParallelStrategy") or not optimizer_name:
+        return
+    try:
+        spec = get_spec(optimizer_name)
+    except ValueError:
+        return  # not a registry optimizer: the module checks at set-up
+    if spec.name == "soap":
+        raise ValueError("optimizer=soap does not run under FSDP2 (trainer=fsdp/fsdp_sim); use trainer=ddp")
+    hessian = merge_block("hessian", _container(cfg.get("hessian")), HESSIAN_DEFAULTS)
+    if spec.hessian == "hutchinson" and hessian["hvp"] == "autograd":
+        raise ValueError(SHARDED_AUTOGRAD)
+
+
 def check_data(cfg: DictConfig) -> None:
     data = cfg.get("data", {})
     for key in ("batch_size", "eval_batch_size"):
@@ -312,3 +330,4 @@ def validate_config(cfg: DictConfig) -> None:
     check_scheduler_block(merge_block("scheduler", _container(cfg.get("scheduler")), SCHEDULER_DEFAULTS))
     name = check_optimizer(cfg)
     check_hessian(cfg, name)
+    check_sharded(cfg, name)

@@ -76,6 +76,34 @@ def preserved_buffers(module: torch.nn.Module | None):
                 b.copy_(copy)
 
 
+@contextlib.contextmanager
+def grads_set_aside(params: Sequence[torch.Tensor], module: torch.nn.Module | None = None):
+    """Take the gradient of a backward run inside the block out of ``.grad``, leaving ``.grad`` as it was.
+
+    On entry every ``.grad`` of ``params`` (and of the other parameters of ``module``) is set aside
+    and cleared; on exit the yielded list is filled with each of ``params``' new ``.grad`` (``None``
+    where the block left none) and the old gradients are put back. This is how an estimate is taken
+    from an ordinary ``backward()``: under FSDP2, whose reduce-scatter (the average over ranks) runs
+    only in ``backward()``, ``torch.autograd.grad`` cannot reach the sharded parameters. Enter it
+    before the forward: FSDP2 registers the unsharded parameters on its root module between a
+    forward and its backward.
+    """
+    params = list(params)
+    ids = {id(p) for p in params}
+    others = [p for p in module.parameters() if id(p) not in ids] if module is not None else []
+    everything = params + others
+    saved = [p.grad for p in everything]
+    for p in everything:
+        p.grad = None
+    taken: list[torch.Tensor | None] = []
+    try:
+        yield taken
+    finally:
+        taken.extend(p.grad for p in params)
+        for p, g in zip(everything, saved):
+            p.grad = g
+
+
 class HessianEstimator:
     """Base class: owns one seeded ``torch.Generator`` per device, saved in ``state_dict()``.
 

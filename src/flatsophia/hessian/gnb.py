@@ -13,7 +13,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import HessianEstimator
+from flatsophia.sharding import any_dtensor
+
+from .base import HessianEstimator, grads_set_aside
 
 
 class GaussNewtonBartlett(HessianEstimator):
@@ -24,6 +26,11 @@ class GaussNewtonBartlett(HessianEstimator):
     Positions whose training label is ``ignore_index`` can be excluded by passing ``valid_mask``
     (shaped like ``logits.shape[:-1]``, nonzero = keep); the sampled-label loss is then the mean
     over the kept positions (zero gradients if there are none).
+
+    On parameters sharded by FSDP2 (DTensors) the sampled-label gradient is taken with an ordinary
+    ``backward()`` instead of ``torch.autograd.grad`` (which cannot reach sharded parameters): FSDP's
+    reduce-scatter averages it across ranks, as for the training gradient, and the training
+    gradient in ``.grad`` is set aside and put back (:func:`~flatsophia.hessian.base.grads_set_aside`).
     """
 
     name = "gnb"
@@ -34,8 +41,16 @@ class GaussNewtonBartlett(HessianEstimator):
         loss_fn: Callable[[torch.Tensor], torch.Tensor] | None,
         params: Sequence[torch.Tensor],
         valid_mask: torch.Tensor | None = None,
+        *,
+        module: torch.nn.Module | None = None,
     ) -> list[torch.Tensor | None]:
+        """``ghat`` per parameter. ``module`` (sharded parameters only): the network, whose other
+        parameters' ``.grad`` the backward must not change either."""
         params = list(params)
+        if any_dtensor(params):
+            with grads_set_aside(params, module) as taken, torch.enable_grad():
+                self.sampled_loss(forward(), valid_mask).backward()
+            return taken
         with torch.enable_grad():
             loss = self.sampled_loss(forward(), valid_mask)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -67,6 +82,11 @@ class GaussNewtonBartlett(HessianEstimator):
                 "(logits=...) to sample labels from"
             )
         params = list(params)
+        if any_dtensor(params):
+            raise ValueError(
+                "GaussNewtonBartlett.from_loss differentiates with torch.autograd.grad, which cannot reach "
+                "parameters sharded by FSDP2; call the estimator itself (a separate backward) instead"
+            )
         with torch.enable_grad():
             sampled = self.sampled_loss(logits, valid_mask)
             grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)

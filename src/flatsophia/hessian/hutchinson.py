@@ -11,18 +11,37 @@ backward: exact, about 3.5-4.7x a forward+backward, needs the math attention ker
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from flatsophia.checks import check_positive
+from flatsophia.sharding import all_reduce_sum, any_dtensor, local, local_shard, shard_group, wrap_like
 
-from .base import HessianEstimator, capture_rng_state, cuda_devices, math_attention, preserved_buffers, replayed_rng
+from .base import (
+    HessianEstimator,
+    capture_rng_state,
+    cuda_devices,
+    grads_set_aside,
+    math_attention,
+    preserved_buffers,
+    replayed_rng,
+)
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 HVP_MODES = ("autograd", "finite_difference")
 _HALF = (torch.float16, torch.bfloat16)
+
+#: Why ``hvp="autograd"`` is refused on parameters sharded by FSDP2, and what to use instead.
+SHARDED_AUTOGRAD = (
+    "Hutchinson with hessian.hvp=autograd cannot run on parameters sharded by FSDP2: it differentiates "
+    "with torch.autograd.grad, which cannot reach the sharded DTensor parameters (the forward uses "
+    "FSDP's all-gathered copies), and a double backward through FSDP is not supported. Use "
+    "hessian.hvp=finite_difference (H v from two ordinary backward passes through FSDP's reduce-scatter), "
+    "or optimizer=sophia_g (Gauss-Newton-Bartlett)."
+)
 
 
 class Hutchinson(HessianEstimator):
@@ -48,6 +67,15 @@ class Hutchinson(HessianEstimator):
         hvp: ``"autograd"`` or ``"finite_difference"``.
         fd_scale: the relative step ``c`` of the finite difference (default ``sqrt(machine
             epsilon)`` of the parameters' dtype: 3.5e-4 in float32, 1.5e-8 in float64).
+
+    **Sharded parameters** (FSDP2 DTensors): only ``hvp="finite_difference"`` runs (``"autograd"``
+    raises ``ValueError``, see :data:`SHARDED_AUTOGRAD`). Both gradients come from ordinary
+    ``backward()`` passes, which FSDP's reduce-scatter already averages across ranks (no further
+    reduce), with the training gradient in ``.grad`` set aside and put back. Each probe is drawn at
+    full size from the generator (seeded alike on every rank) and each rank keeps its shard, so a
+    sharded run uses exactly the probes of one process: it costs one full-size draw of every
+    parameter per probe on every rank (one parameter's full size in memory at a time). The norms
+    in ``eps`` are all-reduced (two scalar all-reduces per probe).
     """
 
     name = "hutchinson"
@@ -77,12 +105,19 @@ class Hutchinson(HessianEstimator):
         self.math_sdpa = math_sdpa and hvp == "autograd"
 
     def probe(self, like: torch.Tensor) -> torch.Tensor:
-        """A random probe shaped like ``like`` drawn from this estimator's generator."""
-        g = self.generator(like.device)
+        """A random probe shaped like ``like`` drawn from this estimator's generator (for a DTensor:
+        the full draw, of which this rank keeps its shard, laid out like ``like``)."""
+        return wrap_like(self._probe_local(like), like)
+
+    def _probe_local(self, like: torch.Tensor) -> torch.Tensor:
+        device = local(like).device
+        g = self.generator(device)
         if self.distribution == "gaussian":
-            return torch.randn(like.shape, generator=g, device=like.device, dtype=like.dtype)
-        v = torch.randint(0, 2, like.shape, generator=g, device=like.device, dtype=torch.int8)
-        return v.to(like.dtype).mul_(2).sub_(1)
+            v = torch.randn(like.shape, generator=g, device=device, dtype=like.dtype)
+        else:
+            v = torch.randint(0, 2, like.shape, generator=g, device=device, dtype=torch.int8)
+            v = v.to(like.dtype).mul_(2).sub_(1)
+        return local_shard(v, like)
 
     def __call__(
         self,
@@ -101,9 +136,10 @@ class Hutchinson(HessianEstimator):
         params = list(params)
         if self.hvp == "finite_difference":
             state = capture_rng_state(cuda_devices(params))
-            with replayed_rng(state), preserved_buffers(module), torch.enable_grad():
-                grads = torch.autograd.grad(loss_fn(forward()), params, allow_unused=True)
+            grads = self._gradient(forward, loss_fn, params, state, module)
             return self.finite_difference(grads, forward, loss_fn, params, rng_state=state, module=module)
+        if any_dtensor(params):
+            raise ValueError(SHARDED_AUTOGRAD)
         with torch.enable_grad(), math_attention(self.math_sdpa):
             loss = loss_fn(forward())
             return self.from_loss(loss, params)[1]
@@ -128,6 +164,8 @@ class Hutchinson(HessianEstimator):
                 "hvp='finite_difference' call finite_difference() with the training gradient instead"
             )
         params = list(params)
+        if any_dtensor(params):
+            raise ValueError(SHARDED_AUTOGRAD)
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
@@ -223,27 +261,25 @@ class Hutchinson(HessianEstimator):
         live = [i for i, g in enumerate(grads) if g is not None]
         if not live:
             return out
-        lp, g0 = [params[i] for i in live], [grads[i].detach() for i in live]
+        lp, g0 = [params[i] for i in live], [local(grads[i]).detach() for i in live]
         _check_precision(lp)
         c = self.fd_scale or math.sqrt(max(torch.finfo(p.dtype).eps for p in lp))
-        theta_norm = _global_norm(lp)
+        groups = shard_group(lp) if any_dtensor(lp) else None
+        xs = [local(p) for p in lp]  # sharded: this rank's shards, which FSDP all-gathers in the forward
+        theta_norm = _global_norm(xs, groups)
         if rng_state is None:
             rng_state = capture_rng_state(cuda_devices(lp))
-        saved = [p.detach().clone() for p in lp]
+        saved = [x.detach().clone() for x in xs]
         for _ in range(self.n_probes):
-            vs = [self.probe(p) for p in lp]
-            eps = c * (1.0 + theta_norm) / max(_global_norm(vs), 1e-30)
+            vs = [self._probe_local(p) for p in lp]
+            eps = c * (1.0 + theta_norm) / max(_global_norm(vs, groups), 1e-30)
             try:
                 with torch.no_grad():
-                    torch._foreach_add_(lp, vs, alpha=eps)
-                with replayed_rng(rng_state), preserved_buffers(module), torch.enable_grad():
-                    loss = loss_fn(forward())
-                    if loss_divisor != 1:
-                        loss = loss / loss_divisor
-                    g1 = torch.autograd.grad(loss, lp, allow_unused=True)
+                    torch._foreach_add_(xs, vs, alpha=eps)
+                g1 = self._gradient(forward, loss_fn, lp, rng_state, module, loss_divisor)
             finally:
                 with torch.no_grad():
-                    torch._foreach_copy_(lp, saved)
+                    torch._foreach_copy_(xs, saved)
             hv = torch._foreach_sub([torch.zeros_like(b) if a is None else a for a, b in zip(g1, g0)], g0)
             torch._foreach_mul_(hv, loss_divisor / eps)
             torch._foreach_mul_(vs, hv)  # v * Hv
@@ -252,13 +288,37 @@ class Hutchinson(HessianEstimator):
         if self.n_probes > 1:
             for i in live:
                 out[i].div_(self.n_probes)
-        return out
+        return [None if d is None else wrap_like(d, p) for d, p in zip(out, params)]
+
+    @staticmethod
+    def _gradient(forward, loss_fn, params, rng_state, module, loss_divisor: float = 1) -> list:
+        """The gradient of ``loss_fn(forward()) / loss_divisor`` at the current parameters, the pass
+        replaying ``rng_state`` and leaving ``module``'s buffers and the RNG stream as they were.
+
+        Plain parameters: ``torch.autograd.grad`` (no DDP all-reduce, ``.grad`` untouched). Sharded
+        (FSDP2): ``backward()``, averaged across ranks by FSDP's reduce-scatter, taken out of
+        ``.grad`` with the gradient already there put back; returned as this rank's shards.
+        """
+        sharded = any_dtensor(params)
+        aside = grads_set_aside(params, module) if sharded else contextlib.nullcontext()
+        with replayed_rng(rng_state), preserved_buffers(module), aside as taken, torch.enable_grad():
+            loss = loss_fn(forward())
+            if loss_divisor != 1:
+                loss = loss / loss_divisor
+            if not sharded:
+                return list(torch.autograd.grad(loss, params, allow_unused=True))
+            loss.backward()
+        return [None if g is None else local(g) for g in taken]
 
 
-def _global_norm(tensors: Sequence[torch.Tensor]) -> float:
-    """L2 norm of all ``tensors`` together (one host sync)."""
+def _global_norm(tensors: Sequence[torch.Tensor], groups=None) -> float:
+    """L2 norm of all ``tensors`` together (one host sync); with ``groups``, of all ranks' shards
+    together (one all-reduce of the sum of squares, in float64)."""
     norms = torch._foreach_norm([t.detach() for t in tensors])
     device = norms[0].device
+    if groups:
+        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
+        return float(all_reduce_sum(sq, groups).sqrt())
     return float(torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms])))
 
 

@@ -41,6 +41,13 @@ Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken wi
 ``torch.autograd.grad`` bypass DDP's gradient hooks, so each rank's estimate is averaged here), call
 ``maybe_refresh`` with the unwrapped module's forward, and ``shares_forward`` is always ``False``
 (the training gradient must go through DDP).
+
+Sharded data parallelism (FSDP2, ``fully_shard``: the optimizer's parameters are DTensors): the
+same loop, with the ``fully_shard``-ed model's forward and ``reduce=None``. Every estimate then
+comes from ordinary ``backward()`` passes, which FSDP's reduce-scatter averages across ranks (no
+further reduce): Gauss-Newton-Bartlett's sampled-label gradient, and Hutchinson with
+``hvp="finite_difference"`` (``hvp="autograd"`` is refused); the training gradient in ``.grad`` is
+set aside and put back, and :meth:`training_pass` records it from ``.grad``.
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from flatsophia.sharding import any_dtensor
+
 from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention
+from .hutchinson import SHARDED_AUTOGRAD
 
 __all__ = ["HessianRefresher", "check_estimator_fits", "distributed_mean"]
 
@@ -108,13 +118,15 @@ class HessianRefresher:
             <flatsophia.hessian.hutchinson.Hutchinson.finite_difference>` and :meth:`training_pass`);
             ignored (with a warning) by the other estimators.
         reduce: ``flat_tensor -> mean over ranks`` (e.g. :func:`distributed_mean`, or Lightning's
-            ``strategy.reduce``); ``None`` on one process.
+            ``strategy.reduce``); ``None`` on one process, and with sharded (FSDP2) parameters,
+            whose estimates FSDP averages already (anything else raises ``ValueError``).
         optimizer_name: name used in messages (default: the registry name of the optimizer's class).
 
     Attributes:
         estimator: the :class:`~flatsophia.hessian.base.HessianEstimator`, or ``None`` for a
             first-order optimizer (then every method is a no-op).
         estimator_name: ``"none"``, ``"gnb"`` or ``"hutchinson"``.
+        sharded: whether the optimizer's parameters are DTensors sharded across ranks (FSDP2).
         refreshes: estimates the optimizer accepted; ``skipped``: estimates it rejected (NaN/inf).
     """
 
@@ -181,6 +193,17 @@ class HessianRefresher:
                 "hvp=finite_difference needs model= (the network: its buffers, e.g. BatchNorm "
                 "statistics, are restored after the perturbed pass)"
             )
+        params = optimizer.hessian_params() if self.estimator is not None else []
+        self.sharded = any_dtensor(params)
+        if self.sharded:
+            if self.estimator_name == "hutchinson" and not self.finite_difference:
+                raise ValueError(SHARDED_AUTOGRAD)
+            if reduce is not None:
+                raise ValueError(
+                    "The optimizer's parameters are sharded (FSDP2 DTensors): its Hessian estimates come from "
+                    "backward passes that FSDP's reduce-scatter averages across ranks already, and each rank "
+                    "holds other coordinates, so nothing may be averaged again: pass reduce=None"
+                )
 
     @property
     def finite_difference(self) -> bool:
@@ -218,6 +241,7 @@ class HessianRefresher:
             and hasattr(self.estimator, "from_loss")
             and not self.finite_difference
             and self.reduce is None
+            and not self.sharded
             and self.refresh_prob is None
             and step % self.every_k == 0
         )
@@ -239,6 +263,8 @@ class HessianRefresher:
         ``.grad``); :meth:`maybe_refresh` for the same step then replays the pass at
         ``theta + eps v`` and takes ``H v`` from the two gradients. ``loss_divisor``: the pass
         back-propagates ``loss / loss_divisor`` (micro-batches accumulated). Otherwise a no-op.
+        Sharded parameters (FSDP2): the pass's gradient is read from ``.grad`` (its value after the
+        pass minus the one before, when micro-batches accumulate), already averaged over ranks.
         """
         self._pass = None
         if not (self.finite_difference and self._due_without_drawing(step)):
@@ -246,6 +272,17 @@ class HessianRefresher:
             return
         params = self.optimizer.hessian_params()
         record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), loss_divisor)
+        if self.sharded:
+            # FSDP2: the sharded parameters are not in the graph (hooks on them never fire); this
+            # pass's gradient, averaged over ranks, is what its backward adds to .grad.
+            before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+            yield
+            record.grads = [
+                None if p.grad is None else p.grad.detach().clone() if b is None else p.grad.detach() - b
+                for p, b in zip(params, before)
+            ]
+            self._pass = record
+            return
         handles = [p.register_hook(record.hook(i)) for i, p in enumerate(params) if p.requires_grad]
         try:
             yield
@@ -308,7 +345,8 @@ class HessianRefresher:
                 module=self.model,
                 loss_divisor=record.loss_divisor,
             )
-        return self._run(lambda: self.estimator(forward, loss_fn, params))
+        kwargs = {"module": self.model} if self.sharded else {}  # whose other .grad a backward must keep
+        return self._run(lambda: self.estimator(forward, loss_fn, params, **kwargs))
 
     def _run(self, fn):
         try:

@@ -25,8 +25,10 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flatsophia.hessian import HessianRefresher
+from flatsophia.optim import SOAP
 from flatsophia.optim.factory import param_groups, spec_for
 from flatsophia.optim.schedules import warmup_decay
+from flatsophia.sharding import any_dtensor, fully_shard_blocks, global_norm
 from flatsophia.validation import (
     HESSIAN_DEFAULTS,
     SCHEDULER_DEFAULTS,
@@ -75,6 +77,11 @@ class OptimLitModule(L.LightningModule):
         weight_decay_rule: ``"matrices"``, ``"all"`` or ``"none"`` (see ``param_groups``).
         optimizer_name: registry name, used in messages and checkpoints.
         log_stats_every: collect and log optimizer diagnostics every this many optimizer steps.
+
+    Under Lightning's ``ModelParallelStrategy`` (``trainer=fsdp`` / ``fsdp_sim``) :meth:`configure_model`
+    shards the network with FSDP2 (data parallel only); the optimizer then steps on the shards and the
+    refresher takes its estimates from backward passes through FSDP (no extra reduce): Sophia-G,
+    Sophia-H and FlatSophia with ``hessian.hvp=finite_difference``, AdamW; not SOAP.
     """
 
     def __init__(
@@ -155,16 +162,41 @@ class OptimLitModule(L.LightningModule):
     def loss_fn(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
+    def configure_model(self) -> None:
+        """Under Lightning's ``ModelParallelStrategy``: shard the network with FSDP2 over the
+        data-parallel mesh (:func:`~flatsophia.sharding.fully_shard_blocks`). A no-op under other
+        strategies, and when the network is sharded already (Lightning calls this for fit and test)."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if any_dtensor(self.net.parameters()):
+            return
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() != 1:
+            raise ValueError(
+                f"OptimLitModule shards data-parallel only (FSDP2); got tensor_parallel_size="
+                f"{mesh['tensor_parallel'].size()}. Set trainer.strategy.tensor_parallel_size=1 and "
+                "data_parallel_size to the number of processes (devices x num_nodes)."
+            )
+        fully_shard_blocks(self.net, mesh["data_parallel"])
+
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self):
         groups = param_groups(self.net, decay=self.weight_decay_rule)
         opt = self.optimizer_factory(groups)
         world = self.trainer.world_size if self._trainer is not None else 1
+        sharded = any_dtensor(self.net.parameters())  # FSDP2: estimates are averaged by its reduce-scatter
+        if sharded and isinstance(opt, SOAP):
+            raise ValueError(
+                "optimizer=soap does not run on parameters sharded by FSDP2 (its Kronecker factors and "
+                "eigenbases need whole matrices); use trainer=ddp, or another optimizer"
+            )
         self.refresher = HessianRefresher(
             opt,
             **self.hessian_cfg,
             model=self.net,
-            reduce=self._reduce_mean if world > 1 else None,
+            reduce=self._reduce_mean if world > 1 and not sharded else None,
             optimizer_name=self.optimizer_name,
         )
         if self._refresher_state is not None:
@@ -242,7 +274,12 @@ class OptimLitModule(L.LightningModule):
 
     def _optimizer_step(self, opt, x, y, loss, preds: int, estimates=None) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params]))
+        if any_dtensor(params):  # FSDP2: each rank's shards, one all-reduce
+            grad_norm = global_norm([p.grad for p in params])
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
+            )
         if not torch.isfinite(grad_norm):
             self._nonfinite(opt, loss)
             return

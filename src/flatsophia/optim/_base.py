@@ -8,6 +8,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
+from flatsophia.sharding import all_reduce_sum, any_dtensor, local, shard_group
+
 from ._common import all_finite, check_estimates, hessian_params, refuse_unsupported, upgrade_state
 
 
@@ -24,6 +26,14 @@ class _SophiaBase(Optimizer):
     * ``_update_group(group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs)``:
       call the algorithm's functional step;
     * ``_fold_hessian(state, estimate, group)``: fold one estimate into ``state["hessian"]``.
+
+    **Sharded parameters** (DTensors, e.g. from FSDP2's ``fully_shard``): the state tensors are
+    DTensors laid out like their parameters (so ``torch.distributed.checkpoint`` saves them shard by
+    shard), the hooks above receive the local shards (the step and the Hessian EMA touch only this
+    rank's coordinates, with the same kernels, and gather nothing), and what is global is reduced
+    over the shards' process group: the non-finite check of an estimate (one all-reduced flag, so
+    every rank skips alike), the step statistics and :meth:`stats` (one all-reduce of a few sums),
+    and FlatSophia's threshold (:func:`~flatsophia.optim.flat_sophia.distributed_kth_largest`).
     """
 
     is_second_order = True
@@ -91,18 +101,27 @@ class _SophiaBase(Optimizer):
         )
         stats: list | None = [] if collect_stats else None
         n_total = 0
+        groups = None
         for group in self.param_groups:
             params, grads, exp_avgs, hessians, state_steps, masks = [], [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, hessians, state_steps, masks)
             if not params:
                 continue
-            self._update_group(group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs)
             if stats is not None:
-                n_total += sum(p.numel() for p in params)
+                n_total += sum(p.numel() for p in params)  # a DTensor's numel is the global one
+            if any_dtensor(params):  # sharded: the kernels run on this rank's shards
+                groups = shard_group(params + grads)
+                params, grads, exp_avgs, hessians, masks = (
+                    [local(t) for t in ts] for ts in (params, grads, exp_avgs, hessians, masks)
+                )
+            self._update_group(group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs)
         if stats and n_total:
+            kept, sq = sum(kept for kept, _ in stats), sum(sq for _, sq in stats)
+            if groups:
+                kept, sq = _global_sums([kept, sq], groups)
             self._last_step_stats.clear()
-            self._last_step_stats["win_rate"] = sum(kept for kept, _ in stats).float() / n_total
-            self._last_step_stats["update_rms"] = (sum(sq for _, sq in stats) / n_total).sqrt()
+            self._last_step_stats["win_rate"] = kept.float() / n_total
+            self._last_step_stats["update_rms"] = (sq / n_total).float().sqrt()
         return loss
 
     @torch.no_grad()
@@ -132,7 +151,9 @@ class _SophiaBase(Optimizer):
 
     def _fold_estimates(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Fold the estimates into the Hessian EMA; ``False`` (warning, state untouched) if one is not finite."""
-        if not all_finite(e for _, e in pairs):
+        sharded = any_dtensor(p for p, _ in pairs)
+        groups = shard_group([t for pair in pairs for t in pair]) if sharded else None
+        if not all_finite((e for _, e in pairs), groups):
             warnings.warn(
                 f"{type(self).__name__}.update_hessian: the Hessian estimate holds NaN/inf; skipped (state unchanged).",
                 RuntimeWarning,
@@ -142,7 +163,10 @@ class _SophiaBase(Optimizer):
         group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         for p, e in pairs:
             group = group_of[id(p)]
-            self._fold_hessian(self._init_state(p, group), e, group)
+            state = self._init_state(p, group)
+            if sharded:  # the same in-place updates on this rank's shards
+                state, e = {key: local(v) for key, v in state.items()}, local(e)
+            self._fold_hessian(state, e, group)
         self._after_hessian_update(pairs)
         return True
 
@@ -158,7 +182,19 @@ class _SophiaBase(Optimizer):
         out = dict(self._last_step_stats)
         hs = [s["hessian"] for s in self.state.values() if "hessian" in s]
         if hs:
-            n = sum(h.numel() for h in hs)
-            out["hessian_mean"] = sum(h.float().sum() for h in hs) / n
-            out["hessian_neg_frac"] = sum((h < 0).sum() for h in hs).float() / n
+            n = sum(h.numel() for h in hs)  # global counts for DTensors
+            total = sum(local(h).float().sum() for h in hs)
+            neg = sum((local(h) < 0).sum() for h in hs)
+            groups = shard_group(hs)
+            if groups:
+                total, neg = _global_sums([total, neg], groups)
+            out["hessian_mean"] = total.float() / n
+            out["hessian_neg_frac"] = neg.float() / n
         return out
+
+
+def _global_sums(values: list[torch.Tensor], groups) -> list[torch.Tensor]:
+    """Per-rank 0-d sums summed over the shards' process groups (one all-reduce, in float64)."""
+    flat = torch.stack([v.to(torch.float64) for v in values])
+    all_reduce_sum(flat, groups)
+    return list(flat.unbind())

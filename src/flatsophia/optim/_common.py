@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from flatsophia.checks import check_betas, check_bool, check_int, check_nonneg, check_positive  # noqa: F401 (re-exported)
+from flatsophia.sharding import all_reduce_sum, local
 
 
 def check_foreach(value) -> None:
@@ -129,15 +130,24 @@ def check_estimates(
             raise ValueError(f"Invalid {what}[{i}]: dtype {e.dtype} is not a floating-point dtype")
 
 
-def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
+def all_finite(tensors: Iterable[torch.Tensor | None], groups: Sequence | None = None) -> bool:
     """True when every entry of every tensor is finite (one host sync for the whole list).
 
     Reads each tensor's minimum and maximum (``torch.aminmax``: NaN propagates into both, +-inf shows
-    in one of them) rather than materialising ``isfinite`` element by element.
+    in one of them) rather than materialising ``isfinite`` element by element. DTensors (sharded
+    parameters) are read shard by shard; with ``groups`` (:func:`flatsophia.sharding.shard_group`)
+    the answer is all-reduced, so every rank gets the same one (one all-reduce of one flag).
     """
+    if groups:
+        tensors = [local(t) for t in tensors if t is not None]
+        device = tensors[0].device if tensors else "cpu"
+        flag = torch.tensor([0 if all_finite(tensors) else 1], dtype=torch.int32, device=device)
+        all_reduce_sum(flag, groups)
+        return int(flag) == 0
     extremes: dict[tuple, list[torch.Tensor]] = {}  # (dtype, device) -> [min, max, ...]
     flags = []
     for t in tensors:
+        t = local(t)
         if t is None or t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
             continue
         if t.is_complex():

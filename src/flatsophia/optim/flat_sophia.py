@@ -13,11 +13,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ._base import _SophiaBase
+from flatsophia.sharding import all_reduce_sum, any_dtensor, local, local_shard, shard_group, wrap_like
+
+from ._base import _global_sums, _SophiaBase
 from ._common import check_int, check_nonneg
 from .sophia_h import SophiaH
 
-__all__ = ["FlatSophia", "MASK_SOURCES", "build_masks", "global_threshold", "kth_largest"]
+__all__ = [
+    "FlatSophia",
+    "MASK_SOURCES",
+    "build_masks",
+    "distributed_kth_largest",
+    "global_threshold",
+    "kth_largest",
+]
 
 #: Where the sharpness mask comes from: the fresh estimate (reference), the Hessian EMA, or a
 #: random draw of the same size (a control: is it *which* coordinates are damped, or damping at all?).
@@ -150,7 +159,8 @@ class FlatSophia(SophiaH):
             # Seeded by the step count, so the draw needs no extra state and resumes exactly.
             step = int(self.state[pairs[0][0]]["step"].item())
             g = torch.Generator().manual_seed(options["mask_seed"] * 1_000_003 + step)
-            sources = [torch.rand(p.shape, generator=g).to(p.device) for p, _ in pairs]
+            # Sharded parameters: the full draw on every rank, this rank's shard kept (as one process).
+            sources = [wrap_like(local_shard(torch.rand(p.shape, generator=g).to(p.device), p), p) for p, _ in pairs]
         else:
             sources = [e for _, e in pairs]
         masks = [self.state[p]["mask"] for p, _ in pairs]
@@ -162,8 +172,12 @@ class FlatSophia(SophiaH):
         out = super().stats()
         masks = [s["mask"] for s in self.state.values() if "mask" in s]
         if masks:
-            n = sum(m.numel() for m in masks)
-            out["masked_frac"] = sum((m != 1).sum() for m in masks).float() / n
+            n = sum(m.numel() for m in masks)  # global counts for DTensors
+            masked = sum((local(m) != 1).sum() for m in masks)
+            groups = shard_group(masks)
+            if groups:
+                (masked,) = _global_sums([masked], groups)
+            out["masked_frac"] = masked.float() / n
         return out
 
 
@@ -181,14 +195,36 @@ def build_masks(
     sharp_fraction: float,
     dampening_factor: int,
     threshold: Callable[[torch.Tensor, float], torch.Tensor | None] = global_threshold,
+    *,
+    group=None,
 ) -> None:
     """Write ``dampening_factor`` where ``|source| > tau`` and 1 elsewhere into each int8 mask, with
-    ``tau = threshold(|all sources, flattened and concatenated|, sharp_fraction)``."""
+    ``tau = threshold(|all sources, flattened and concatenated|, sharp_fraction)``.
+
+    Sharded: when the sources are DTensors (FSDP2 parameters), or a process ``group`` (or a list of
+    groups) is given for plain tensors that are this rank's part of a whole, ``tau`` is the ``k``-th
+    largest over all ranks' values, ``k = int(sharp_fraction * n)`` with ``n`` the global count,
+    found by :func:`distributed_kth_largest` (4 all-reduces of 256 counts in float32, one more to
+    count ``n`` when a ``group`` is given); each rank writes only its own masks.
+    """
+    groups = None
+    if any_dtensor(sources) or any_dtensor(masks):
+        groups = shard_group(list(sources) + list(masks))
+        n_total = sum(s.numel() for s in sources)  # a DTensor's numel is the global one
+        masks, sources = [local(m) for m in masks], [local(s) for s in sources]
+    elif group is not None:
+        groups = list(group) if isinstance(group, (list, tuple)) else [group]
+        count = torch.tensor([sum(s.numel() for s in sources)], dtype=torch.int64, device=masks[0].device)
+        n_total = int(all_reduce_sum(count, groups))
     dtype = torch.float32
     for s in sources:
         dtype = torch.promote_types(dtype, s.dtype)
     flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in sources]).abs_()
-    tau = threshold(flat, sharp_fraction)
+    if groups is not None:
+        k = int(sharp_fraction * n_total)
+        tau = distributed_kth_largest(flat, k, groups) if k else None
+    else:
+        tau = threshold(flat, sharp_fraction)
     offset = 0
     for mask, s in zip(masks, sources):
         if tau is None:
@@ -240,3 +276,82 @@ def kth_largest(flat: torch.Tensor, k: int) -> torch.Tensor:
         return torch.kthvalue(flat, n - k + 1).values
     candidates = flat[inside]
     return torch.kthvalue(candidates, n_inside - (k - n_above) + 1).values
+
+
+#: Bits of the float's bit pattern resolved per all-reduce by :func:`distributed_kth_largest`.
+RADIX_BITS = 8
+_BIT_VIEWS = {torch.float32: (torch.int32, 31, 0x7F800000), torch.float64: (torch.int64, 63, 0x7FF0000000000000)}
+
+
+@torch.no_grad()
+def distributed_kth_largest(flat: torch.Tensor, k: int, group=None, *, radix_bits: int = RADIX_BITS) -> torch.Tensor:
+    """The ``k``-th largest value of the concatenation over ranks of each rank's 1-d ``flat``, exactly
+    (``torch.kthvalue`` on the concatenation), without gathering the values. torch.distributed only.
+
+    ``flat`` holds non-negative float32 or float64 values (``|estimate|``; ``-0.0`` counts as
+    negative), no NaN; ranks may hold different numbers of values, none included. ``group``: a
+    process group, or a list of them to sum over in turn (as
+    :func:`flatsophia.sharding.shard_group` returns); ``None``: the default group.
+
+    **Method: a radix select on the bit pattern.** Non-negative IEEE floats order like their bit
+    patterns read as integers (31 significant bits in float32, 63 in float64), so the ``k``-th largest
+    value is found digit by digit, ``radix_bits`` bits at a time from the top: each round every rank
+    counts its candidates (values whose higher digits match the ones found so far) per value of the
+    next digit (a histogram of ``2**radix_bits`` counts), one all-reduce sums the histograms, and
+    every rank picks the same digit, the one whose bucket holds the ``k``-th largest from the top,
+    then keeps only its candidates in that bucket. With the default 8 bits: 4 all-reduces of 256
+    int64 counts for float32 (8 for float64); ``radix_bits=1`` is a plain bisection (31 all-reduces
+    of one count, plus one carrying the checks). Local work: one pass over ``flat`` and passes over
+    the shrinking candidates; each round waits for its all-reduce (a host sync). Measured on 2 gloo
+    ranks, one thread each (shared CPU): 5.4M float32 values in all, ~66 ms (bisection ~670 ms;
+    :func:`kth_largest` over all of them on one process 53 ms); 1M, ~15 ms; the all-reduces
+    themselves ~0.2 ms each.
+
+    Returns:
+        a 0-d tensor of ``flat``'s dtype and device, the same on every rank.
+
+    Raises:
+        ValueError: on every rank alike, if ``k`` is not in ``[1, n]`` (``n`` the total count) or a
+        value is negative or NaN.
+    """
+    if flat.dtype not in _BIT_VIEWS:
+        raise ValueError(f"distributed_kth_largest: float32 or float64 values expected, got {flat.dtype}")
+    if not isinstance(radix_bits, int) or not 1 <= radix_bits <= 16:
+        raise ValueError(f"Invalid radix_bits: {radix_bits!r} (expected an integer in [1, 16])")
+    groups = group if isinstance(group, (list, tuple)) else [group]
+    int_dtype, total_bits, inf_bits = _BIT_VIEWS[flat.dtype]
+    cand = flat.detach().reshape(-1).contiguous().view(int_dtype)
+    device = flat.device
+    prefix, remaining, hi, first = 0, int(k), total_bits, True
+    while hi > 0:
+        lo = max(0, hi - radix_bits)
+        width = hi - lo
+        if first:  # the top digit; negative, NaN or above-inf values flagged in one more slot
+            lowest, highest = torch.aminmax(cand) if cand.numel() else (0, 0)
+            bad = int(lowest < 0 or highest > inf_bits)
+            digits = cand >> lo
+            if bad:  # raised below, on every rank; keep bincount's input in range until then
+                digits = digits.clamp(0, (1 << width) - 1)
+            hist = torch.bincount(digits, minlength=1 << width)
+            hist = torch.cat([hist, hist.new_tensor([bad])])
+        else:
+            digits = (cand >> lo) & ((1 << width) - 1)
+            hist = torch.bincount(digits, minlength=1 << width)
+        for g in groups:
+            torch.distributed.all_reduce(hist, group=g)
+        if first:
+            if int(hist[-1]):
+                raise ValueError("distributed_kth_largest: the values must be non-negative and not NaN")
+            hist = hist[:-1]
+            n = int(hist.sum())
+            if not 1 <= remaining <= n:
+                raise ValueError(f"distributed_kth_largest: k={k} out of range for {n} values")
+            first = False
+        from_top = hist.flip(0).cumsum(0)  # from_top[j]: values whose digit is >= top - j
+        j = int(torch.searchsorted(from_top, torch.tensor([remaining], device=device)))
+        digit = (1 << width) - 1 - j
+        remaining -= int(from_top[j]) - int(hist[digit])  # values in higher buckets
+        prefix = (prefix << width) | digit
+        cand = cand[digits == digit]
+        hi = lo
+    return torch.tensor(prefix, dtype=int_dtype, device=device).view(flat.dtype)
