@@ -39,8 +39,8 @@ BAD_INPUTS = [
     (["data.batch_size=0"], "Invalid data.batch_size: 0"),
     (["trainer.max_steps=0"], "Invalid trainer.max_steps: 0"),
     (["seed=abc"], "Invalid seed: 'abc'"),
-    (["trainer=fsdp_sim", "optimizer=flat_sophia"], "Use hessian.hvp=finite_difference"),
-    (["trainer=fsdp", "optimizer=sophia_h", "hessian=hutchinson"], "cannot run on parameters sharded by FSDP2"),
+    (["trainer=fsdp_sim", "optimizer=flat_sophia", "hessian.hvp=autograd"], "Use hessian.hvp=finite_difference"),
+    (["trainer=fsdp_sim", "optimizer=sophia_h", "hessian.hvp=autograd"], "cannot run on parameters sharded by FSDP2"),
     (["trainer=fsdp_sim", "optimizer=soap"], "optimizer=soap does not run under FSDP2"),
 ]
 

@@ -48,7 +48,7 @@ NONFINITE_POLICIES = ("skip", "raise")
 
 #: Defaults of the ``hessian`` block; every key a user sets must be one of these.
 HESSIAN_DEFAULTS = dict(
-    estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0, hvp="autograd"
+    estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0, hvp="auto"
 )
 SCHEDULER_DEFAULTS = dict(name="cosine", warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
 
@@ -84,7 +84,7 @@ def check_hessian_block(hessian: dict) -> None:
     check_choice("hessian.distribution", hessian["distribution"], DISTRIBUTIONS)
     check_int("hessian.n_probes", hessian["n_probes"], 1)
     check_int("hessian.seed", hessian["seed"], 0)
-    check_choice("hessian.hvp", hessian["hvp"], HVP_MODES)
+    check_choice("hessian.hvp", hessian["hvp"], ("auto", *HVP_MODES))
 
 
 def check_scheduler_block(sched: dict) -> None:
@@ -280,7 +280,8 @@ def check_hardware(cfg: DictConfig) -> None:
 
 def check_sharded(cfg: DictConfig, optimizer_name: str | None) -> None:
     """Under FSDP2 (``trainer=fsdp``/``fsdp_sim``: Lightning's ModelParallelStrategy) refuse what
-    cannot run on sharded parameters: Hutchinson with ``hvp=autograd``, and SOAP."""
+    cannot run on sharded parameters: Hutchinson with ``hvp=autograd`` (``auto`` takes the finite
+    difference there), and SOAP."""
     strategy = cfg.get("trainer", {}).get("strategy")
     target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy or "")
     if not target.endswith("ModelParallelStrategy") or not optimizer_name:

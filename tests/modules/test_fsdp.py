@@ -168,6 +168,7 @@ def test_cli_trainer_fsdp_sim(tmp_path, data_dir):
         "optimizer=flat_sophia",
         "hessian.hvp=finite_difference",
         "hessian.every_k=2",
+        "optimizer.sharp_fraction=0.2",
         "module.log_stats_every=2",
         "data.num_samples=1000",
         "data.n_val=200",

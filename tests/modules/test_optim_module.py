@@ -158,13 +158,14 @@ def test_fused_refresh_matches_separate_refresh(tmp_path, accumulate, name):
     """Sharing the training forward with the refresh (Hutchinson: one more backward through the
     gradient; GNB: labels sampled from the training logits, back-propagated through the same graph)
     changes nothing but the cost."""
-    fused_module = make_module(name, accumulate=accumulate)
+    hessian = {"every_k": 3, "hvp": "autograd"}  # a finite difference never shares the forward
+    fused_module = make_module(name, accumulate=accumulate, hessian=hessian)
     fused_used = Spy("forward_backward")
     fused_module, _, fused_calls, fused = _fit(
         tmp_path / "f", name, steps=9, accumulate=accumulate, _module=fused_module, callbacks=[fused_used]
     )
     assert fused_calls == [0, 3, 6] and fused_used.calls == [0, 3, 6]
-    module = make_module(name, accumulate=accumulate)
+    module = make_module(name, accumulate=accumulate, hessian=hessian)
     module._can_share_forward = lambda: False
     t = trainer(tmp_path / "s", callbacks=[DumpState(str(tmp_path))], max_steps=9)
     t.fit(module, loader(dataset(n=64)))
@@ -231,9 +232,9 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("name", "hessian"),
     [
-        ("flat_sophia", {"every_k": 3}),
+        ("flat_sophia", {"every_k": 3, "hvp": "autograd"}),
         ("sophia_g", {"every_k": 3}),
-        ("flat_sophia", {"refresh_prob": 0.3}),
+        ("flat_sophia", {"refresh_prob": 0.3, "hvp": "autograd"}),
         ("flat_sophia", {"every_k": 3, "hvp": "finite_difference"}),
         ("sophia_h", {"refresh_prob": 0.3, "hvp": "finite_difference"}),
     ],
@@ -336,3 +337,22 @@ def test_discarded_finite_difference_refreshes_leave_the_run_bit_identical(tmp_p
         assert torch.equal(a, b), n
     buffers = list(zip(fd.net.buffers(), none.net.buffers(), strict=True))
     assert buffers and all(torch.equal(a, b) for a, b in buffers)
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "expected"),
+    [
+        ("flat_sophia", "32-true", "finite_difference"),
+        ("sophia_h", "64-true", "finite_difference"),
+        ("flat_sophia", "bf16-mixed", "autograd"),
+        ("sophia_g", "32-true", None),
+    ],
+)
+def test_hvp_auto_takes_the_finite_difference_in_full_precision(tmp_path, name, precision, expected):
+    """``hessian.hvp=auto`` (the default): two gradients where they are exact enough, the double
+    backward under half/mixed precision; Gauss-Newton-Bartlett has no Hessian-vector product."""
+    module = make_module(name, hessian={"every_k": 3})
+    assert module.hessian_cfg["hvp"] == "auto"
+    trainer(tmp_path, max_steps=2, precision=precision).fit(module, loader(dataset(n=16)))
+    assert getattr(module.refresher.estimator, "hvp", None) == expected
+    assert module.refresher.finite_difference == (expected == "finite_difference")

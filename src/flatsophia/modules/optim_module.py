@@ -51,6 +51,26 @@ def _autocast_off(device: torch.device):
         return contextlib.nullcontext()
 
 
+#: Trainer precisions in which ``hessian.hvp=finite_difference`` runs (no half-precision rounding).
+FULL_PRECISION = ("32-true", "32", "64-true", "64")
+
+
+def resolve_hvp(hvp: str, estimator: str, precision: str, sharded: bool = False) -> str:
+    """``hessian.hvp`` with ``auto`` resolved: ``finite_difference`` (one extra forward+backward per
+    refresh instead of a double backward; the only form FSDP2 runs) in 32/64-bit training, where
+    the overfit study's outcome did not change with it (docs/claims.md), and ``autograd`` under half
+    or mixed precision, where a finite difference would be rounding noise (except when sharded: the
+    finite difference is then refused with its reason). Only the Hutchinson estimator takes an
+    ``hvp``; for the others ``auto`` is ``autograd``, which they ignore."""
+    if hvp != "auto":
+        return hvp
+    if estimator != "hutchinson":
+        return "autograd"
+    choice = "finite_difference" if precision in FULL_PRECISION or sharded else "autograd"
+    log.info("hessian.hvp=auto: %s (trainer.precision=%s%s)", choice, precision, ", FSDP2" if sharded else "")
+    return choice
+
+
 def _time_window(hessian_cfg: dict) -> int:
     """Steps averaged by ``time/step_ms``: the refresh period ``every_k`` (10 without one)."""
     k = hessian_cfg.get("every_k")
@@ -192,9 +212,12 @@ class OptimLitModule(L.LightningModule):
                 "optimizer=soap does not run on parameters sharded by FSDP2 (its Kronecker factors and "
                 "eigenbases need whole matrices); use trainer=ddp, or another optimizer"
             )
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        estimator = getattr(opt, "hessian_estimator", "none")
+        hvp = resolve_hvp(self.hessian_cfg["hvp"], estimator, precision, sharded)
         self.refresher = HessianRefresher(
             opt,
-            **self.hessian_cfg,
+            **{**self.hessian_cfg, "hvp": hvp},
             model=self.net,
             reduce=self._reduce_mean if world > 1 and not sharded else None,
             optimizer_name=self.optimizer_name,
@@ -202,8 +225,7 @@ class OptimLitModule(L.LightningModule):
         if self._refresher_state is not None:
             self.refresher.load_state_dict(self._refresher_state)
             self._refresher_state = None
-        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
-        if self.refresher.finite_difference and precision not in ("32-true", "32", "64-true", "64"):
+        if self.refresher.finite_difference and precision not in FULL_PRECISION:
             raise ValueError(
                 f"hessian.hvp=finite_difference does not run with trainer.precision={precision}: it perturbs "
                 "the weights by a relative ~3.5e-4, below half-precision resolution, so the difference of the "
