@@ -161,7 +161,7 @@ def test_json_and_report(smoke, tmp_path):
     ):
         assert sec in md
     assert md.count("| sophia_h | finite_difference |") == 3  # iteration, refresh, memory
-    assert "| flat_sophia | 9 | " in md
+    assert "| flat_sophia | 9.0000 | " in md
     # the report's command line rewrites a document's block for that JSON, and only that block
     doc = tmp_path / "doc.md"
     other = "keep\n<!-- bench: other.json -->\nx\n<!-- /bench -->\n"

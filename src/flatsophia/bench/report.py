@@ -140,7 +140,7 @@ def _state(sec: dict) -> list[str]:
     lines = []
     for row in sec["rows"].values():
         bad = _status(row)
-        cells = ["-", bad] if bad else [f"{row['bytes_per_param']:.4g}", f"{row['bytes_per_param_with_counters']:.4g}"]
+        cells = ["-", bad] if bad else [f"{row['bytes_per_param']:.4f}", f"{row['bytes_per_param_with_counters']:.6f}"]
         lines.append([row["optimizer"], *cells])
     header = ["optimizer", "bytes / parameter", "with the 0-d step counters"]
     return ["", "**Optimizer state** (exact; bytes per parameter):", "", *_table(header, "lrr", lines)]
@@ -170,6 +170,13 @@ def markdown(res: dict) -> str:
         "",
         f"Command: `{m['command']}`",
     ]
+    loads = [x[0] for x in (m.get("loadavg_start"), m.get("loadavg_end")) if x]
+    if loads and max(loads) > m["threads"]:
+        out += [
+            "",
+            f"**Other work shared the CPUs**: the 1-minute load average reached {max(loads):.1f} against "
+            f"{m['threads']} benchmark thread(s), so these figures are noisier than a quiet machine's.",
+        ]
     if "iteration" in res:
         out += _iteration(res["iteration"], m["rounds"])
     if "refresh" in res:

@@ -130,15 +130,16 @@ def _row_key(name: str, variant: str | None) -> str:
     return name if variant is None else f"{name}/{variant}"
 
 
-def _refresh_note(ctx: Context, name: str, hvp: str | None, refresher: HessianRefresher | None) -> str:
+def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None, every: int | None = None) -> str:
     kind = hessian_of(name)
+    when = f" every {every} steps" if every else ""
     if kind == "authors":
-        return f"authors' loop: sampled-label forward+backward and update_hessian() after every {ctx.k}th step"
+        return f"authors' loop: sampled-label forward+backward and update_hessian(){when}"
     if kind == "none":
         return "no Hessian refresh"
     shares = "sharing the training forward" if refresher.shares_forward(0) else "reusing the training gradient"
     what = "Gauss-Newton-Bartlett" if kind == "gnb" else f"Hutchinson, hvp={hvp}"
-    return f"{what} every {ctx.k} steps, {shares}"
+    return f"{what}{when}, {shares}"
 
 
 # ---------------------------------------------------------------------------- sections
@@ -163,14 +164,14 @@ def run_iteration(ctx: Context) -> dict:
                 def fn(opt=opt, forward=forward, loss_fn=loss_fn, counter=counter, preds=preds):
                     authors_training_step(opt, forward, loss_fn, next(counter), ctx.k, preds)
 
-                row["note"] = _refresh_note(ctx, name, hvp, None)
+                row["note"] = _refresh_note(name, hvp, None, ctx.k)
             else:
                 refresher = refresher_for(ctx, name, model, opt, hvp)
 
                 def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn, counter=counter):
                     training_step(opt, refresher, forward, loss_fn, next(counter))
 
-                row["note"] = _refresh_note(ctx, name, hvp, refresher)
+                row["note"] = _refresh_note(name, hvp, refresher, ctx.k)
                 if freq := opt.defaults.get("precondition_frequency"):
                     row["note"] = f"eigenbasis refresh inside step() every {freq} steps"
             for _ in range(2):
@@ -221,7 +222,7 @@ def _refresh_candidates(ctx: Context) -> tuple[dict[str, dict], dict[str, Callab
                 def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn):
                     training_step(opt, refresher, forward, loss_fn, 0, take_step=False)
 
-                row["note"] = _refresh_note(ctx, name, hvp, refresher).replace(f" every {ctx.k} steps", "")
+                row["note"] = _refresh_note(name, hvp, refresher)
             fns[key] = fn
             ctx.keep.append((model, opt))
     return rows, fns
