@@ -12,6 +12,7 @@ import json
 import math
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,20 @@ def test_json_and_report(smoke, tmp_path):
     assert doc.read_text() == f"# t\n<!-- bench: smoke.json -->\n{md}<!-- /bench -->\n{other}"
     with pytest.raises(ValueError, match="no block"):
         report.update_document("nothing here", "smoke.json", md)
+
+
+def test_performance_doc_tables_come_from_the_committed_json():
+    """Each generated block of docs/performance.md is the report of its JSON under docs/results/bench/
+    (regenerate with ``python -m flatsophia.bench.report <json> --update docs/performance.md``)."""
+    root = Path(__file__).resolve().parents[1]
+    blocks = list(report.BLOCK.finditer((root / "docs" / "performance.md").read_text()))
+    assert [b["name"] for b in blocks] == ["cpu.json", "cuda.json"]
+    for block in blocks:
+        path = root / "docs" / "results" / "bench" / block["name"]
+        if path.exists():
+            assert block["body"] == report.markdown(json.loads(path.read_text())), block["name"]
+        else:
+            assert block["body"] == "Not measured yet.\n", block["name"]
 
 
 def test_training_step_refreshes_once_every_k():
