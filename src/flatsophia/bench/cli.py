@@ -36,7 +36,11 @@ __all__ = ["main", "parse_args"]
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = optimizer_names()
-    p = argparse.ArgumentParser(prog="python -m flatsophia.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m flatsophia.bench",
+        description="Benchmark the optimizers as users run them: training iteration, Hessian refresh, "
+        "step, state, memory (see docs/performance.md).",
+    )
     p.add_argument("--model", default="vit", help=f"{', '.join(MODELS)} or experiment=<name> (default vit)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the model's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
