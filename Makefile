@@ -28,9 +28,9 @@ test: install
 	@$(PY) -m pytest -n 2 -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
 
-## bench: optimizer benchmarks (scripts/benchmark.py)
+## bench: optimizer benchmark (python -m flatsophia.bench; ARGS="--help" for options, docs/performance.md)
 bench: install
-	$(PY) scripts/benchmark.py $(ARGS)
+	$(PY) -m flatsophia.bench $(ARGS)
 
 ## lint: ruff over the sources and tests
 lint: install

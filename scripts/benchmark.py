@@ -1,10 +1,7 @@
 #!/usr/bin/env python
-"""Benchmark the optimizers: ``python scripts/benchmark.py --help`` (the code is :mod:`flatsophia.bench`)."""
+"""Benchmark the optimizers: ``python scripts/benchmark.py --help`` (same as ``python -m flatsophia.bench``)."""
 
-import sys
-
-from flatsophia.bench.benchmark import main
+from flatsophia.bench.cli import main
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-    sys.exit(0)
+    main()

@@ -1,270 +1,300 @@
-"""The benchmark script runs end to end on a tiny model and reports consistent numbers.
+"""The benchmark (``python -m flatsophia.bench``) runs end to end and its numbers are consistent.
 
-Runs ``flatsophia.bench.benchmark`` (``scripts/benchmark.py``) with ``--smoke``,
-in-process (one thread, no torch.compile, two rounds).
-Timings themselves are not checked (machines differ); their presence and sanity are, and the
-optimizer-state sizes, which are exact:
-
-* state bytes per parameter count every tensor in ``optimizer.state`` with at least one dimension;
-  the 0-d ``step`` counters (4 bytes per parameter *tensor*, not per element) are excluded from the
-  headline figure and reported separately as ``bytes_per_param_incl_scalars``.
-* fp32 SophiaG / SophiaH: exp_avg + hessian = 8 bytes; FlatSophia adds the int8 mask = 9.
+The smoke run (tiny ViT, one thread, two rounds, no ``torch.compile``) runs in-process once. No
+wall-clock figure is checked against another (machines differ and may be busy); what is checked is
+that every section has every row, that the ratios follow from the medians, and the quantities that
+are exact: optimizer state bytes, FLOP counts, the refresh schedule, the statistics.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import statistics
+from pathlib import Path
 
 import pytest
+import torch
+
+from flatsophia.bench import report, timing, workloads
+from flatsophia.bench.cli import main, parse_args
+from flatsophia.bench.sections import state_bytes, training_step
+from flatsophia.hessian import HessianRefresher
+from flatsophia.optim import OPTIMIZERS, create_optimizer
+
+pytest.importorskip("timm")
+
+HAS_AUTHORS = workloads.authors_sophia_g() is not None
 
 
-def _load():
-    from flatsophia.bench import benchmark
-
-    return benchmark
+def expected_rows() -> list[str]:
+    """Iteration rows: every registered optimizer (one per hvp form for Hutchinson), the baselines."""
+    keys = ["adamw_fused"]
+    for name, spec in OPTIMIZERS.items():
+        keys += [f"{name}/autograd", f"{name}/finite_difference"] if spec.hessian == "hutchinson" else [name]
+    return [*keys, "sophia_opt"]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    pytest.importorskip("timm")
-    bench = _load()
-    path = tmp_path_factory.mktemp("bench") / "b.json"
-    res = bench.main(["--smoke", "--quiet", "--json", str(path)])
-    return bench, res, path
+    path = tmp_path_factory.mktemp("bench") / "smoke.json"
+    res = main(["--smoke", "--quiet", "--json", str(path)])
+    return res, path
 
 
-def _finite_pos(x):
+def _pos(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-OURS_AND_BASELINES = ("adamw_fused", "adamw", "sophia_g", "sophia_h", "flat_sophia")
+def _ok_rows(section: dict) -> dict:
+    return {k: r for k, r in section["rows"].items() if r["status"] == "ok"}
 
 
-def test_step_rows_for_every_optimizer(smoke):
-    bench, res, _ = smoke
-    step = res["step"]
-    assert set(bench.OPTIMIZERS) <= set(step)
-    for name, variants in step.items():
-        # eager and torch.compile of the step function (CPU: no foreach=False "loop" row)
-        assert set(variants) == {"eager", "compiled"}
-        eager = variants["eager"]
-        if name in OURS_AND_BASELINES:
-            assert eager["status"] == "ok", (name, eager)
-        if eager["status"] != "ok":
-            # only optional third-party / in-progress optimizers may be skipped, and with a reason
-            assert name in ("sophia_opt", "po_soap", "soap") and eager["note"], (name, eager)
-            continue
-        for key in ("median_ms", "min_ms", "max_ms", "ratio_vs_fused_adamw"):
-            assert _finite_pos(eager[key]), (name, key, eager[key])
-        assert eager["min_ms"] <= eager["median_ms"] <= eager["max_ms"]
-        assert eager["iqr_ms"] >= 0 and eager["n"] >= 2
-        # --smoke does not compile; the row says so instead of holding numbers.
-        assert variants["compiled"]["status"] == "skipped" and variants["compiled"]["note"], name
-    assert step["adamw_fused"]["eager"]["ratio_vs_fused_adamw"] == pytest.approx(1.0)
-    # Paired ratios: one round median per round, and the baseline paired with itself is exactly 1.
-    assert step["adamw_fused"]["eager"]["paired_ratio_vs_fused_adamw"] == 1.0
-    for name in ("sophia_g", "sophia_h", "flat_sophia"):
-        eager = step[name]["eager"]
-        assert len(eager["round_medians_ms"]) == 2 and all(_finite_pos(t) for t in eager["round_medians_ms"])
-        assert _finite_pos(eager["paired_ratio_vs_fused_adamw"])
-    assert res["iteration"]["adamw_fused"]["paired_ratio_vs_fused_adamw"] == 1.0
-    assert _finite_pos(res["iteration"]["sophia_h"]["paired_ratio_vs_fused_adamw"])
+def test_every_section_and_row(smoke):
+    res, _ = smoke
+    assert res["complete"] is True
+    assert list(res["iteration"]["rows"]) == expected_rows()
+    second_order = [k for k in expected_rows() if workloads.hessian_of(k.split("/")[0]) != "none"]
+    assert list(res["refresh"]["rows"]) == ["fwd_bwd", *second_order]
+    assert list(res["memory"]["rows"]) == ["fwd_bwd", *second_order]
+    step_keys = ["adamw_fused"]
+    for name in OPTIMIZERS:
+        step_keys += [f"{name}/single", f"{name}/multi"] if workloads.kernels(name) != (None,) else [name]
+    assert list(res["step"]["rows"]) == [*step_keys, "sophia_opt"]
+    assert {"sophia_g/single", "sophia_g/multi", "flat_sophia/multi", "adamw/single"} <= set(step_keys)
+    assert list(res["state"]["rows"]) == workloads.optimizer_names()
+    for sec in ("iteration", "refresh", "step", "state", "memory"):
+        for key, row in res[sec]["rows"].items():
+            if key == "sophia_opt" and not HAS_AUTHORS:
+                assert row["status"] == "skipped" and "sophia-opt" in row["note"]
+            else:
+                assert row["status"] == "ok", (sec, key, row)
+    # --smoke never compiles; the meta says what ran
+    assert not any(k.endswith("/compiled") for k in res["step"]["rows"])
+    m = res["meta"]
+    assert m["smoke"] and m["threads"] == 1 and m["rounds"] == 2 and m["k"] == 10
+    assert m["command"].startswith("python -m flatsophia.bench --smoke")
+    assert m["torch"] == torch.__version__ and m["n_params"] == 15242
+    for key in ("machine", "device", "date", "git_commit", "loadavg_start", "loadavg_end", "wall_s"):
+        assert key in m
 
 
-def test_paired_ratio_pairs_rounds_and_skips_missing_ones():
-    bench = _load()
-    row = {"round_medians_ms": [2.0, 9.0, None, 4.0]}
-    base = {"round_medians_ms": [1.0, 3.0, 1.0, 1.0]}
-    # per round: 2, 3, (skipped), 4 -> median 3; the ratio of medians would be 4.0 / 1.0 = 4
-    assert bench.paired_ratio(row, base) == 3.0
-    assert bench.paired_ratio(row, {"round_medians_ms": None}) is None
-    assert bench.paired_ratio({"round_medians_ms": [None]}, {"round_medians_ms": [1.0]}) is None
+def test_ratios_follow_from_the_medians(smoke):
+    res, _ = smoke
+    for sec in ("iteration", "refresh", "step"):
+        rows = _ok_rows(res[sec])
+        base = rows[res[sec]["reference"]]
+        assert base["ratio"] == 1.0 and base["paired"] == 1.0
+        for key, row in rows.items():
+            assert row["n"] >= 2 and len(row["round_medians_ms"]) == 2, (sec, key)
+            assert row["min_ms"] <= row["median_ms"] <= row["max_ms"] and row["iqr_ms"] >= 0
+            assert row["ratio"] == pytest.approx(row["median_ms"] / base["median_ms"])
+            per_round = [a / b for a, b in zip(row["round_medians_ms"], base["round_medians_ms"])]
+            assert row["paired"] == pytest.approx(statistics.median(per_round))
+            assert row["ci"] is None  # two rounds: too few for a 95 % interval
+    # iteration samples are means of k iterations: one per round
+    assert all(r["n"] == 2 for r in _ok_rows(res["iteration"]).values())
+
+
+def test_refresh_flops_and_floors(smoke):
+    """FLOPs are counted, not timed: the two-gradient refresh costs exactly one more forward+backward
+    (as does the authors' separate refresh); the double backward costs more; GNB's extra backward less."""
+    res, _ = smoke
+    rows, k = res["refresh"]["rows"], res["refresh"]["k"]
+    assert rows["fwd_bwd"]["flop_ratio"] == 1.0 and _pos(rows["fwd_bwd"]["gflop"])
+    for name in ("sophia_h", "flat_sophia"):
+        assert rows[f"{name}/finite_difference"]["flop_ratio"] == 2.0
+        assert rows[f"{name}/autograd"]["flop_ratio"] > 2.5
+    assert 1.5 < rows["sophia_g"]["flop_ratio"] < 2.0
+    if HAS_AUTHORS:
+        assert rows["sophia_opt"]["flop_ratio"] == 2.0
+    for row in _ok_rows(res["refresh"]).values():
+        assert row["iteration_floor"] == pytest.approx(1 + (row["flop_ratio"] - 1) / k)
+
+
+def test_state_bytes_exact(smoke):
+    res, _ = smoke
+    rows, n, n_tensors = res["state"]["rows"], res["meta"]["n_params"], res["meta"]["n_tensors"]
+    expected = {"adamw_fused": 8, "adamw": 8, "sophia_g": 8, "sophia_h": 8, "flat_sophia": 9}
+    if HAS_AUTHORS:
+        expected["sophia_opt"] = 8
+    for name, b in expected.items():
+        assert rows[name]["bytes_per_param"] == b, name
+        # the 0-d float32 step counters, one per parameter tensor, are the only difference
+        assert rows[name]["bytes_with_counters"] - rows[name]["bytes"] == 4 * n_tensors, name
+    # SOAP: both Adam moments, plus GG and Q (d x d each) for every dimension of a matrix or kernel
+    model = workloads.build_workload("smoke").model
+    soap = sum(8 * p.numel() + (8 * sum(d * d for d in p.shape) if p.ndim >= 2 else 0) for p in model.parameters())
+    assert rows["soap"]["bytes"] == soap
+    assert rows["soap"]["bytes_per_param"] == soap / n
+
+
+def test_state_bytes_counts_shared_tensors_once():
+    p = torch.nn.Parameter(torch.zeros(3, 4))
+    shared = torch.zeros(3, 4)
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"a": shared, "b": [shared, torch.zeros(())], "c": {"d": torch.zeros(2, dtype=torch.int8)}}
+    assert state_bytes(opt) == (48 + 2, 48 + 2 + 4)
+
+
+def test_memory_of_the_refresh(smoke):
+    """Peak memory is a count of allocations (deterministic): the double backward keeps the gradient's
+    graph, the two-gradient form does not."""
+    res, _ = smoke
+    rows = res["memory"]["rows"]
+    assert _pos(rows["fwd_bwd"]["peak_mib"]) and rows["fwd_bwd"]["ratio"] == 1.0
+    for name in ("sophia_h", "flat_sophia"):
+        assert rows[f"{name}/autograd"]["peak_mib"] > rows[f"{name}/finite_difference"]["peak_mib"]
+        assert rows[f"{name}/autograd"]["peak_mib"] > rows["fwd_bwd"]["peak_mib"]
+
+
+def test_json_and_report(smoke, tmp_path):
+    res, path = smoke
+    assert json.loads(path.read_text()) == json.loads(json.dumps(res))
+    md = report.markdown(res)
+    for sec in (
+        "**Training iteration**",
+        "**Refresh step**",
+        "**Optimizer step**",
+        "**Optimizer state**",
+        "**Peak memory",
+    ):
+        assert sec in md
+    assert md.count("| sophia_h | finite_difference |") == 3  # iteration, refresh, memory
+    assert "| flat_sophia | 9.0000 | " in md
+    # the report's command line rewrites a document's block for that JSON, and only that block
+    doc = tmp_path / "doc.md"
+    other = "keep\n<!-- bench: other.json -->\nx\n<!-- /bench -->\n"
+    doc.write_text(f"# t\n<!-- bench: smoke.json -->\nold\n<!-- /bench -->\n{other}")
+    report.main([str(path), "--update", str(doc)])
+    assert doc.read_text() == f"# t\n<!-- bench: smoke.json -->\n{md}<!-- /bench -->\n{other}"
+    with pytest.raises(ValueError, match="no block"):
+        report.update_document("nothing here", "smoke.json", md)
+
+
+def test_performance_doc_tables_come_from_the_committed_json():
+    """Each generated block of docs/performance.md is the report of its JSON under docs/results/bench/
+    (regenerate with ``python -m flatsophia.bench.report <json> --update docs/performance.md``)."""
+    root = Path(__file__).resolve().parents[1]
+    blocks = list(report.BLOCK.finditer((root / "docs" / "performance.md").read_text()))
+    assert [b["name"] for b in blocks] == ["cpu.json", "cuda.json"]
+    for block in blocks:
+        path = root / "docs" / "results" / "bench" / block["name"]
+        if path.exists():
+            assert block["body"] == report.markdown(json.loads(path.read_text())), block["name"]
+        else:
+            assert block["body"] == "Not measured yet.\n", block["name"]
+
+
+def test_training_step_refreshes_once_every_k():
+    """The iteration section's loop is HessianRefresher's plain loop: one refresh per k steps, for
+    every estimator and hvp form."""
+    w = workloads.build_workload("smoke")
+    forward, loss_fn = w.closures(w.model)
+    for name, hvp in (("sophia_g", "autograd"), ("sophia_h", "autograd"), ("flat_sophia", "finite_difference")):
+        opt = create_optimizer(w.model, name)
+        refresher = (
+            HessianRefresher(opt, model=w.model, every_k=5, hvp=hvp)
+            if name != "sophia_g"
+            else HessianRefresher(opt, model=w.model, every_k=5)
+        )
+        for step in range(12):
+            training_step(opt, refresher, forward, loss_fn, step)
+            assert all(p.grad is None for p in w.model.parameters())  # zero_grad ends every iteration
+        assert refresher.refreshes == 3 and refresher.skipped == 0, name  # steps 0, 5, 10
+
+
+def test_paired_ratios_and_intervals():
+    rows = {
+        "ref": {"median_ms": 1.0, "round_medians_ms": [1.0, 3.0, 1.0, 1.0]},
+        "a": {"median_ms": 4.0, "round_medians_ms": [2.0, 9.0, 1.0, 4.0]},
+        "gone": {"median_ms": None},
+    }
+    timing.add_ratios(rows, "ref")
+    # per round 2, 3, 1, 4 -> median 2.5; the ratio of the medians is 4
+    assert rows["a"]["paired"] == 2.5 and rows["a"]["ratio"] == 4.0 and rows["a"]["ci"] is None
+    assert "paired" not in rows["gone"]
+    eight = {
+        "ref": {"median_ms": 1.0, "round_medians_ms": [1.0] * 8},
+        "b": {"median_ms": 1.0, "round_medians_ms": [0.9, 1.1, 0.95, 1.05, 0.97, 1.02, 0.99, 1.01]},
+    }
+    timing.add_ratios(eight, "ref")
+    assert eight["b"]["ci"] == [0.9, 1.1, pytest.approx(1 - 2 / 256)]  # 8 rounds: [min, max]
 
 
 def test_median_ci_ranks_and_coverage():
-    bench = _load()
-    assert bench.median_ci([1.0] * 5) is None  # [min, max] covers only 1 - 2/32 < 95 %
-    lo, hi, cov = bench.median_ci([5.0, 1.0, 4.0, 2.0, 6.0, 3.0])
+    assert timing.median_ci([1.0] * 5) is None  # [min, max] covers only 1 - 2/32 < 95 %
+    lo, hi, cov = timing.median_ci([5.0, 1.0, 4.0, 2.0, 6.0, 3.0])
     assert (lo, hi) == (1.0, 6.0) and cov == pytest.approx(1 - 2 / 64)
-    lo, hi, cov = bench.median_ci([float(i) for i in range(15, 0, -1)])
+    lo, hi, cov = timing.median_ci([float(i) for i in range(15, 0, -1)])
     # P(Bin(15, 1/2) <= 3) = 576 / 32768: ranks 4 and 12 of 15
     assert (lo, hi) == (4.0, 12.0) and cov == pytest.approx(1 - 2 * 576 / 32768)
     # The stated coverage holds: intervals from skewed samples contain the true median that often.
-    import random
-
     rng = random.Random(0)
     for n in (8, 15, 30):
         hits, trials = 0, 3000
         for _ in range(trials):
-            lo, hi, cov = bench.median_ci([rng.expovariate(1.0) for _ in range(n)])
+            lo, hi, cov = timing.median_ci([rng.expovariate(1.0) for _ in range(n)])
             hits += lo <= math.log(2) <= hi
         assert abs(hits / trials - cov) < 0.02, (n, hits / trials, cov)
 
 
-def test_verdict_uses_the_interval():
-    bench = _load()
-    assert bench.verdict((0.9, 0.99, 0.96), 0.95, 1.0) == "met"
-    assert bench.verdict((1.01, 1.2, 0.96), 1.1, 1.0) == "missed"
-    assert bench.verdict((0.95, 1.05, 0.96), 0.97, 1.0) == "within noise"
-    assert bench.verdict(None, 0.97, 1.0) == "met (point)"
-    assert bench.verdict(None, 1.03, 1.0) == "missed (point)"
-    # Targets built from rounds: a candidate 0.9-1.1x the baseline round by round straddles 1.00.
-    base = {"status": "ok", "median_ms": 1.0, "round_medians_ms": [1.0] * 8}
-    near = {"status": "ok", "median_ms": 0.98, "round_medians_ms": [0.9, 1.1, 0.95, 1.05, 0.97, 1.02, 0.99, 1.01]}
-    fast = {"status": "ok", "median_ms": 0.8, "round_medians_ms": [0.8, 0.82, 0.79, 0.81, 0.8, 0.83, 0.78, 0.8]}
-    res = {"step": {"adamw_fused": {"eager": base}, "sophia_g": {"eager": near}, "sophia_h": {"eager": fast}}}
-    by_name = {t["name"]: t for t in bench.evaluate_targets(res)}
-    g = by_name["sophia_g step, fastest path <= 1.00x fused AdamW"]
-    assert g["passed"] is True and g["verdict"] == "within noise"
-    assert g["ci"][0] == 0.9 and g["ci"][1] == 1.1  # 8 rounds: [min, max] (99.2 %)
-    h = by_name["sophia_h step, fastest path <= 1.00x fused AdamW"]
-    assert h["verdict"] == "met" and h["paired"] == pytest.approx(0.8)
-    assert "| within noise |" in bench.markdown({"meta": _META, "targets": list(by_name.values())})
+def test_summarize():
+    s = timing.summarize([0.004, 0.001, 0.002, 0.003], [0.0025])
+    assert s["median_ms"] == pytest.approx(2.5) and s["min_ms"] == 1.0 and s["max_ms"] == 4.0
+    assert s["iqr_ms"] == pytest.approx(1.5) and s["n"] == 4 and s["round_medians_ms"] == [2.5]
+    assert timing.summarize([], [])["median_ms"] is None
 
 
-_META = dict(model_desc="m", n_params=1, n_tensors=1, torch="t", threads=1, cpu="c", rounds=8)
-
-
-def test_refresh_iteration_hvp_rows(smoke):
-    _, res, _ = smoke
-    for name in ("sophia_g", "sophia_h", "flat_sophia"):
-        for sect in ("refresh", "iteration"):
-            row = res[sect][name]
-            assert row["status"] == "ok", (sect, name, row)
-            assert _finite_pos(row["median_ms"]) and _finite_pos(row["ratio_vs_fused_adamw"]), (sect, name, row)
-    for name in ("adamw_fused", "adamw"):
-        assert _finite_pos(res["iteration"][name]["ratio_vs_fused_adamw"])
-    assert res["iteration"]["adamw_fused"]["ratio_vs_fused_adamw"] == pytest.approx(1.0)
-    hvp = res["hvp"]
-    assert _finite_pos(hvp["rev_over_rev"]["median_ms"]) and _finite_pos(hvp["fwd_over_rev"]["median_ms"])
-    assert hvp["faster"] in ("rev_over_rev", "fwd_over_rev")
-    den = res["denormal"]
-    assert _finite_pos(den["ftz_off"]["median_ms"])
-    assert den["ftz_on"]["status"] in ("ok", "skipped")
-
-
-def test_state_bytes_exact(smoke):
-    _, res, _ = smoke
-    st = res["state"]
-    assert st["sophia_g"]["bytes_per_param"] == 8.0
-    assert st["sophia_h"]["bytes_per_param"] == 8.0
-    assert st["flat_sophia"]["bytes_per_param"] == 9.0
-    assert st["adamw_fused"]["bytes_per_param"] == 8.0
-    # the 0-d step counters are the only difference between the two figures
-    n = res["meta"]["n_params"]
-    n_tensors = res["meta"]["n_tensors"]
-    for name in ("sophia_g", "sophia_h", "flat_sophia"):
-        extra = (st[name]["bytes_per_param_incl_scalars"] - st[name]["bytes_per_param"]) * n
-        assert extra == pytest.approx(4 * n_tensors)
-
-
-def test_memory_and_targets(smoke):
-    _, res, _ = smoke
-    rows = res["memory"]["rows"]
-    for name in ("fwd_bwd", "sophia_g", "sophia_h", "flat_sophia"):
-        assert rows[name]["peak_bytes"] > 0
-    # A Hutchinson refresh keeps the double-backward graph: it needs more than a forward+backward.
-    assert rows["sophia_h"]["peak_bytes"] > rows["fwd_bwd"]["peak_bytes"]
-    names = [t["name"] for t in res["targets"]]
-    assert any("state bytes" in n for n in names) and any("iteration" in n for n in names)
-    for t in res["targets"]:
-        if "state bytes" in t["name"]:
-            assert t["passed"] is True, t
-        if t["value"] is not None:
-            assert math.isfinite(t["value"]) and t["value"] > 0
-            assert t["passed"] in (True, False)
-            assert t["verdict"] in ("met", "missed", "within noise", "met (point)", "missed (point)"), t
-    # --smoke has two rounds: too few for an interval, so no target claims one
-    assert all(t["ci"] is None for t in res["targets"])
-
-
-def test_markdown_and_json_match(smoke):
-    bench, res, path = smoke
-    md = res["markdown"]
-    for name in bench.OPTIMIZERS:
-        assert bench.OPTIMIZERS[name][0] in md
-    assert "| target |" in md and ("PASS" in md or "FAIL" in md)
-    on_disk = json.loads(path.read_text())
-    assert on_disk == json.loads(json.dumps(res))
-
-
-def test_fused_refresh_iteration_rows(smoke):
-    """The iteration section also times the module's code path: the refresh shares the training
-    forward through the estimator's ``from_loss`` (GNB and Hutchinson)."""
-    _, res, _ = smoke
-    it = res["iteration"]
-    for name in ("sophia_g", "sophia_h", "flat_sophia"):
-        row = it[name + "+fused"]
-        assert row["status"] == "ok" and row["refresh"] == "fused" and row["step_path"] == "eager", row
-        assert _finite_pos(row["median_ms"]) and "from_loss" in row["note"]
-        assert it[name]["refresh"] == "separate"
-    sophia = ("sophia_g", "sophia_h", "flat_sophia")
-    assert set(it) == {"adamw_fused", "adamw", *sophia, "soap", *(f"{n}+fused" for n in sophia)}
-    soap = it["soap"]  # SOAP's own eigenbasis refresh is inside step(): one per 10-iteration block
-    assert soap["status"] == "ok" and _finite_pos(soap["median_ms"]) and "eigenbasis" in soap["note"]
-    details = [t["detail"] for t in res["targets"] if "iteration" in t["name"]]
-    assert details and all("fastest = " in d for d in details)
-
-
-def test_device_argument_is_validated():
-    bench = _load()
+def test_arguments_are_validated():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--device", "tpu"])
-    import torch
-
+        parse_args(["--device", "tpu"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
-            bench.parse_args(["--device", "cuda"])
-    assert bench.parse_args(["--smoke"]).device == "cpu"
+            parse_args(["--device", "cuda"])
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "resnet"])
+    with pytest.raises(SystemExit):
+        parse_args(["--sections", "step,denormal"])
+    with pytest.raises(SystemExit):
+        parse_args(["--optimizers", "lion"])
+    a = parse_args(["--optimizers", "sophia_h,adamw"])
+    assert a.optimizers == ["adamw_fused", "adamw", "sophia_h"]  # the reference always runs, in table order
+    a = parse_args([])
+    assert (a.model, a.rounds, a.k, a.compile, a.device) == ("vit", 12, 10, False, "cpu")
+    assert parse_args(["--smoke", "--compile"]).compile is False
 
 
-def test_soap_flops_at_the_algorithms_floor(smoke):
-    """Counted matmul FLOPs of our SOAP equal the analytic floor (no redundant rotation or product);
-    pytorch_optimizer's SOAP, when installed, does at least as much matmul work."""
-    _, res, _ = smoke
-    fl = res["flops"]
-    ours = fl["soap"]
-    assert ours["status"] == "ok" and ours["steps"] == 10
-    assert _finite_pos(ours["gflop_per_step"])
-    assert ours["gflop_per_step"] == pytest.approx(ours["floor_gflop_per_step"], rel=1e-12)
-    theirs = fl.get("po_soap", {})
-    if theirs.get("status") == "ok":
-        assert theirs["gflop_per_step"] >= ours["gflop_per_step"]
-        assert fl["floor_vs_theirs"] == pytest.approx(ours["floor_gflop_per_step"] / theirs["gflop_per_step"])
-    assert "SOAP matmul work" in res["markdown"]
+def test_default_workload_is_the_benchmark_vit():
+    w = workloads.build_workload("vit")
+    assert w.n_params == 5_406_820 and w.n_tensors == 44 and tuple(w.inputs.shape) == (32, 3, 32, 32)
+    assert w.predictions == 32 and w.targets.shape == (32,)
+    again = workloads.build_workload("vit")
+    assert torch.equal(w.inputs, again.inputs) and torch.equal(w.targets, again.targets)  # fixed seed
 
 
-def test_soap_flop_floor_by_hand():
-    """The floor formula on one 2-D tensor, worked out by hand (refresh every 10 steps)."""
-    import torch
-
-    from flatsophia.optim import SOAP
-
-    bench = _load()
-    p = torch.nn.Parameter(torch.zeros(6, 4))
-    opt = SOAP([p], precondition_frequency=10)
-    p.grad = torch.randn(6, 4)
-    opt.step()  # builds the factors (6x6 and 4x4)
-    n, sd, cubes = 24, 10, 2 * (6**3 + 4**3)
-    # per step 6*N*sum(d); per refresh the power iteration (cubes) and min(4*N*sd, cubes + 2*N*sd)
-    expected = 6 * n * sd + (cubes + min(4 * n * sd, cubes + 2 * n * sd)) / 10
-    assert bench.soap_flop_floor(opt) == pytest.approx(expected)
-    # 2-D: the round trip (4*N*sd = 960) is cheaper than composing (560 + 480 = 1040)
-    assert expected == 6 * 24 * 10 + (560 + 960) / 10
+def test_optimizers_come_from_the_registry():
+    model = torch.nn.Linear(4, 3)
+    assert workloads.optimizer_names() == ["adamw_fused", *OPTIMIZERS, "sophia_opt"]
+    ref = workloads.make_optimizer("adamw_fused", model, 7)
+    assert isinstance(ref, torch.optim.AdamW) and ref.defaults["fused"] is True
+    g = workloads.make_optimizer("sophia_g", model, 7, "single")
+    assert g.defaults["bs"] == 7 and g.defaults["foreach"] is False
+    assert workloads.make_optimizer("sophia_h", model, 7, "multi").defaults["foreach"] is True
+    for name, spec in OPTIMIZERS.items():
+        assert isinstance(workloads.make_optimizer(name, model, 7), spec.cls)
 
 
 def test_model_from_an_experiment_config():
-    """``--model experiment=<name>`` times the project's own model of a language-model experiment."""
-    bench = _load()
-    model, x, y, preds, desc = bench.build_model("experiment=sophia_charlm", "base", None, 0)
-    from flatsophia.models.components.gpt import GPT
+    """``--model experiment=<name>`` times the project's model of a language-model experiment."""
+    pytest.importorskip("hydra")
+    from flatsophia.models.components import GPT
 
-    assert isinstance(model, GPT) and "experiment=sophia_charlm" in desc
-    assert tuple(x.shape) == (16, 128) and y.shape == (16 * 128,) and preds == 16 * 128
-    assert model(x[:2]).shape == (2, 128, 256)
-    assert bench.parse_args(["--model", "experiment=sophia_charlm"]).model == "experiment=sophia_charlm"
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--model", "resnet"])
-    with pytest.raises(SystemExit, match="only language-model"):
-        bench.build_model("experiment=flat_sophia_overfit", "base", None, 0)
+    w = workloads.build_workload("experiment=sophia_charlm")
+    assert isinstance(w.model, GPT) and w.name == "experiment=sophia_charlm"
+    assert tuple(w.inputs.shape) == (16, 128) and w.targets.shape == (16 * 128,) and w.predictions == 16 * 128
+    forward, _ = w.closures(w.model)
+    assert forward().shape == (16 * 128, 256)
+    with pytest.raises(ValueError, match="only language-model"):
+        workloads.build_workload("experiment=flat_sophia_overfit")
