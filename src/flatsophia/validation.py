@@ -37,6 +37,7 @@ __all__ = [
     "check_estimator_fits",
     "check_trainer_config",
     "check_choice",
+    "check_int",
     "check_data_model",
     "check_hardware",
     "group_options",

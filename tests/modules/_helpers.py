@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from flatsophia.hessian import GaussNewtonBartlett
 from flatsophia.modules import OptimLitModule
 from flatsophia.optim import get_spec
 
@@ -109,3 +110,44 @@ def max_abs_diff(a: dict, b: dict) -> float:
         else:
             assert x == y, (k, x, y)
     return worst
+
+
+class ArgmaxGNB(GaussNewtonBartlett):
+    """GNB with deterministic labels (argmax), so 2x4 and 1x8 batch layouts see the same labels.
+
+    Sampled labels are drawn per rank and differ from a single process's draw over the global batch;
+    with argmax labels the estimate is a deterministic mean over examples and must match exactly.
+    """
+
+    def sample_labels(self, probs):
+        return probs.argmax(dim=-1)
+
+
+class ArgmaxGNBModule(OptimLitModule):
+    """The module with :class:`ArgmaxGNB` in place of the sampled-label estimator."""
+
+    def configure_optimizers(self):
+        out = super().configure_optimizers()
+        if self.estimator_name == "gnb":
+            self.refresher.estimator = ArgmaxGNB(seed=0)
+        return out
+
+
+class InterleavedSampler(torch.utils.data.Sampler):
+    """Rank r reads examples r, r + world, r + 2 world, ... in order (the single process reads them all)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def _layout(self):
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._layout()
+        return iter(range(rank, self.n, world))
+
+    def __len__(self):
+        return self.n // self._layout()[1]

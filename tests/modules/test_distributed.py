@@ -8,52 +8,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import DumpState, dataset, flatten_state, make_module, max_abs_diff, trainer
+from _helpers import (
+    ArgmaxGNBModule,
+    DumpState,
+    InterleavedSampler,
+    dataset,
+    flatten_state,
+    make_module,
+    max_abs_diff,
+    trainer,
+)
 
-from flatsophia.hessian import GaussNewtonBartlett
-from flatsophia.modules import OptimLitModule
 from flatsophia.optim import OPTIMIZERS
 
 STEPS = 7  # with every_k=3 the Hessian is refreshed at steps 0, 3 and 6
-
-
-class ArgmaxGNB(GaussNewtonBartlett):
-    """GNB with deterministic labels (argmax), so 2x4 and 1x8 batch layouts see the same labels.
-
-    Sampled labels are drawn per rank and differ from a single process's draw over the global batch;
-    with argmax labels the estimate is a deterministic mean over examples and must match exactly.
-    """
-
-    def sample_labels(self, probs):
-        return probs.argmax(dim=-1)
-
-
-class ArgmaxGNBModule(OptimLitModule):
-    def configure_optimizers(self):
-        out = super().configure_optimizers()
-        if self.estimator_name == "gnb":
-            self.refresher.estimator = ArgmaxGNB(seed=0)
-        return out
-
-
-class InterleavedSampler(torch.utils.data.Sampler):
-    """Rank r reads examples r, r + world, r + 2 world, ... in order (known layout, no shuffling)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def _layout(self):
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def __iter__(self):
-        rank, world = self._layout()
-        return iter(range(rank, self.n, world))
-
-    def __len__(self):
-        return self.n // self._layout()[1]
 
 
 def _run(tmp_path, name, devices, batch_size, module_cls=None, dtype=torch.float32, **module_kwargs):

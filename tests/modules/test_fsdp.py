@@ -17,11 +17,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from _helpers import dataset, make_module, trainer
+from _helpers import ArgmaxGNBModule, InterleavedSampler, dataset, make_module, trainer
 
 from _spawn import spawn
-from flatsophia.hessian import GaussNewtonBartlett
-from flatsophia.modules import OptimLitModule
 
 STEPS = 7  # every_k=3: refreshes at steps 0, 3 and 6
 #: (optimizer, hessian block, dtype): the finite difference is compared in float64, where the
@@ -31,39 +29,6 @@ CASES = [
     ("sophia_h", {"every_k": 3, "hvp": "finite_difference"}, torch.float64),
     ("flat_sophia", {"every_k": 3, "hvp": "finite_difference"}, torch.float64),
 ]
-
-
-class ArgmaxGNB(GaussNewtonBartlett):
-    """Deterministic labels: 2 x 4 and 1 x 8 batch layouts see the same ones (as in test_distributed)."""
-
-    def sample_labels(self, probs):
-        return probs.argmax(dim=-1)
-
-
-class ArgmaxGNBModule(OptimLitModule):
-    def configure_optimizers(self):
-        out = super().configure_optimizers()
-        if self.estimator_name == "gnb":
-            self.refresher.estimator = ArgmaxGNB(seed=0)
-        return out
-
-
-class Interleaved(torch.utils.data.Sampler):
-    """Rank r reads examples r, r + world, ... (the single process reads them all, in order)."""
-
-    def __init__(self, n: int):
-        self.n = n
-
-    def _layout(self):
-        dist = torch.distributed
-        return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-    def __iter__(self):
-        rank, world = self._layout()
-        return iter(range(rank, self.n, world))
-
-    def __len__(self):
-        return self.n // self._layout()[1]
 
 
 class Dump(L.Callback):
@@ -92,7 +57,7 @@ def _fit(tmp: Path, name, hessian, dtype, devices, batch_size, strategy="auto", 
         callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp, save_last=True, save_top_k=0))
     length = dict(max_epochs=epochs, max_steps=-1) if epochs else dict(max_steps=STEPS)
     t = trainer(tmp, callbacks=callbacks, devices=devices, strategy=strategy, use_distributed_sampler=False, **length)
-    data = torch.utils.data.DataLoader(dataset(n=n, dtype=dtype), batch_size=batch_size, sampler=Interleaved(n))
+    data = torch.utils.data.DataLoader(dataset(n=n, dtype=dtype), batch_size=batch_size, sampler=InterleavedSampler(n))
     t.fit(module, data, **fit)
     return callbacks[0].out
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from flatsophia.checks import check_positive
+from flatsophia.checks import check_int, check_positive
 from flatsophia.sharding import all_reduce_sum, any_dtensor, local, local_shard, shard_group, wrap_like
 
 from .base import (
@@ -92,8 +92,7 @@ class Hutchinson(HessianEstimator):
         super().__init__(seed)
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"Invalid distribution: {distribution!r} (expected one of {', '.join(DISTRIBUTIONS)})")
-        if not isinstance(n_probes, int) or isinstance(n_probes, bool) or n_probes < 1:
-            raise ValueError(f"Invalid n_probes: {n_probes!r} (expected an integer >= 1)")
+        check_int("n_probes", n_probes, 1)
         if hvp not in HVP_MODES:
             raise ValueError(f"Invalid hvp: {hvp!r} (expected one of {', '.join(HVP_MODES)})")
         if fd_scale is not None:

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from flatsophia.checks import check_int
 from flatsophia.sharding import any_dtensor
 
 from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention
@@ -145,8 +146,7 @@ class HessianRefresher:
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimizer_name: str | None = None,
     ):
-        if not isinstance(every_k, int) or isinstance(every_k, bool) or every_k < 1:
-            raise ValueError(f"Invalid every_k: {every_k!r} (expected an integer >= 1)")
+        check_int("every_k", every_k, 1)
         if refresh_prob is not None and (
             not isinstance(refresh_prob, (int, float)) or isinstance(refresh_prob, bool) or not 0 < refresh_prob <= 1
         ):

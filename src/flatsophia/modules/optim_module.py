@@ -35,6 +35,7 @@ from flatsophia.validation import (
     TASKS,
     check_choice,
     check_hessian_block,
+    check_int,
     check_module_options,
     check_scheduler_block,
     merge_block,
@@ -122,8 +123,7 @@ class OptimLitModule(L.LightningModule):
         super().__init__()
         check_choice("task", task, TASKS)
         check_module_options(accumulate, grad_clip, nonfinite, log_stats_every, weight_decay_rule)
-        if not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"Invalid num_classes: {num_classes!r} (expected an integer >= 2)")
+        check_int("num_classes", num_classes, 2)
         if not callable(optimizer):
             raise ValueError(f"Invalid optimizer: {optimizer!r} (expected a factory taking parameters)")
         self.hessian_cfg = merge_block("hessian", hessian, HESSIAN_DEFAULTS)
