@@ -6,6 +6,7 @@ reading its text.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -23,7 +24,10 @@ def fenced_blocks(text: str) -> list[str]:
 def make_dry_run(*args: str) -> list[str]:
     if shutil.which("make") is None:
         pytest.skip("GNU make is not installed on this machine")
-    out = subprocess.run(["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, check=True)
+    # Not a sub-make of `make test` (whose MAKEFLAGS/MAKELEVEL would add "Entering directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    cmd = ["make", "--no-print-directory", "-n", "-B", "ARGS=", *args]  # no ARGS of an outer make
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
