@@ -410,3 +410,41 @@ def test_secrets_stay_out_of_everything_a_run_writes(tmp_path, data_dir, monkeyp
         assert REDACTED in next(p for p in files if p.name == name).read_text(), name
     hparams = yaml.safe_load(next(p for p in files if p.name == "hparams.yaml").read_text())
     assert hparams["notes"] == {"from_env": REDACTED, "from_cli": REDACTED}
+
+
+def test_redacted_argv_is_restored_after_the_block(monkeypatch):
+    secret = SECRET_ENV["FLATSOPHIA_TEST_TOKEN"]
+    monkeypatch.setenv("FLATSOPHIA_TEST_TOKEN", secret)
+    argv = ["train.py", f"+notes.x={secret}", "seed=1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(RuntimeError), security.redacted_argv():
+        assert sys.argv == ["train.py", f"+notes.x={REDACTED}", "seed=1"]
+        raise RuntimeError
+    assert sys.argv is argv and argv[1] == f"+notes.x={secret}"
+
+
+def test_wandb_run_records_the_command_line_without_secrets(tmp_path, data_dir, monkeypatch, hydra_app):
+    """W&B (offline) stores ``sys.argv`` in the run's metadata: the secret is replaced there too."""
+    pytest.importorskip("wandb")
+    for name, value in SECRET_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    literal = SECRET_ENV["FLATSOPHIA_TEST_TOKEN"]
+    out = tmp_path / "logs"
+    hydra_app(
+        "train",
+        *TINY,
+        *TINY_DEFAULT,
+        "logger=wandb",
+        f"+notes.from_cli={literal}",
+        f"paths.log_dir={out}",
+        f"paths.data_dir={data_dir}",
+    )
+    runs = list(out.rglob("run-*.wandb"))
+    assert len(runs) == 1
+    # The arguments were recorded (with the value replaced), not left out.
+    assert f"+notes.from_cli={REDACTED}".encode() in runs[0].read_bytes()
+    for p in (p for p in out.rglob("*") if p.is_file()):
+        data = p.read_bytes()
+        for value in SECRET_ENV.values():
+            assert value.encode() not in data, f"{value} in {p}"

@@ -9,7 +9,8 @@
 - Secrets: values of environment variables named ``*_KEY``, ``*_TOKEN``, ``*_SECRET``, ``*_PASSWORD``
   (e.g. ``WANDB_API_KEY``) are replaced by ``***`` in logged hyperparameters, the printed config tree,
   checkpoints' hyperparameters, Hydra's ``.hydra/*.yaml`` dumps and the run log
-  (:class:`RedactSecretsCallback`, a Hydra callback set in ``conf/hydra/default.yaml``).
+  (:class:`RedactSecretsCallback`, a Hydra callback set in ``conf/hydra/default.yaml``), and the
+  command line W&B records (:func:`redacted_argv`, used by ``flatsophia.utils.loggers.WandbLogger``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import os
 import pickle
 import re
+import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +48,7 @@ __all__ = [
     "RedactingFilter",
     "install_log_redaction",
     "redact_files",
+    "redacted_argv",
     "RedactSecretsCallback",
 ]
 
@@ -259,6 +262,21 @@ def redact_files(paths: Iterable[str | Path]) -> list[Path]:
             os.replace(tmp, p)
             changed.append(p)
     return changed
+
+
+@contextlib.contextmanager
+def redacted_argv():
+    """``sys.argv`` with secrets replaced by ``***`` inside the block, restored after it.
+
+    For tools that record the command line (W&B's run metadata): a secret given as an override stays
+    out of their records, while ``sys.argv`` itself keeps it (DDP re-launches the script from it).
+    """
+    saved = sys.argv
+    sys.argv = redact(list(saved))
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 class RedactSecretsCallback(Callback):

@@ -1,4 +1,9 @@
-"""A CSV logger that keeps working when the ranks of ``ddp_spawn`` write the file (``trainer=ddp_sim``).
+"""Lightning's CSV and W&B loggers with two fixes the template needs.
+
+:class:`WandbLogger` starts its W&B run with secrets in the command line replaced by ``***``
+(W&B records ``sys.argv`` in the run's metadata; see ``flatsophia.security``).
+
+:class:`CSVLogger` keeps working when the ranks of ``ddp_spawn`` write the file (``trainer=ddp_sim``).
 
 Lightning's ``CSVLogger`` remembers the columns of ``metrics.csv`` in the memory of its writer. Under
 ``ddp_spawn`` every ``fit``/``test`` runs in freshly spawned processes, each with a pickled copy of
@@ -15,9 +20,12 @@ from __future__ import annotations
 import csv
 
 from lightning.pytorch.loggers import csv_logs
+from lightning.pytorch.loggers import wandb as wandb_logs
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-__all__ = ["CSVLogger"]
+from flatsophia.security import redacted_argv
+
+__all__ = ["CSVLogger", "WandbLogger"]
 
 
 class _ContinuingWriter(csv_logs.ExperimentWriter):
@@ -45,3 +53,13 @@ class CSVLogger(csv_logs.CSVLogger):
         self._fs.makedirs(self.root_dir, exist_ok=True)
         self._experiment = _ContinuingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(wandb_logs.WandbLogger):
+    """``lightning.pytorch.loggers.WandbLogger`` (same arguments) that keeps secrets of the command line
+    (a ``*_KEY``/``*_TOKEN`` value passed as an override) out of the W&B run's recorded arguments."""
+
+    @property
+    def experiment(self):
+        with redacted_argv():
+            return super().experiment
