@@ -13,10 +13,44 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+
+
+def _missing_requirements(extras: tuple[str, ...] = ("template", "test")) -> list[str]:
+    """The requirements of flatsophia's ``extras`` (read from its installed metadata, i.e. pyproject)
+    that are absent or at a version the requirement excludes."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = metadata.requires("flatsophia") or []
+    except metadata.PackageNotFoundError:
+        return ["flatsophia itself"]
+    missing = []
+    for req in map(Requirement, requirements):
+        if req.marker is None or not any(req.marker.evaluate({"extra": extra}) for extra in extras):
+            continue
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            missing.append(f"{req.name}{req.specifier}")
+            continue
+        if not req.specifier.contains(version, prereleases=True):
+            missing.append(f"{req.name}{req.specifier} (found {version})")
+    return missing
+
+
+# The suite needs everything `make test` installs; a missing package is an error here, not a skipped test.
+if _missing := _missing_requirements():
+    raise pytest.UsageError(
+        f"the tests need flatsophia's template and test extras; missing: {', '.join(_missing)}. "
+        "Run `make test` (it installs them), or pip install -e '.[template,test]'."
+    )
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from pathlib import Path
 
@@ -34,7 +33,6 @@ GROUPS = [
 ]
 #: Groups whose files are `# @package _global_` overlays.
 GLOBAL_GROUPS = ("debug", "experiment", "ablation", "hparams_search")
-HAS_OPTUNA_SWEEPER = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
 
 
 def options(group: str) -> list[str]:
@@ -87,8 +85,6 @@ def test_hparams_search(make_cfg, option):
     """The TPE searches (qmc* are tested in test_tuning.py)."""
     raw = yaml.safe_load((CONF_DIR / "hparams_search" / f"{option}.yaml").read_text())
     assert raw["hydra"]["sweeper"]["params"]["optimizer.lr"].startswith("tag(log")
-    if not HAS_OPTUNA_SWEEPER:
-        pytest.skip("hydra-optuna-sweeper is not installed (pip install hydra-optuna-sweeper)")
     cfg = make_cfg([f"hparams_search={option}"], tiny=False)
     assert cfg.optimized_metric == "val/loss"
 
@@ -184,10 +180,6 @@ def test_callbacks_instantiate(make_cfg, option):
 def test_loggers_instantiate(make_cfg, option, monkeypatch):
     from flatsophia.utils import instantiate_loggers
 
-    if option == "tensorboard" and not (
-        importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
-    ):
-        pytest.skip("tensorboard is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")
     loggers = instantiate_loggers(make_cfg([f"logger={option}"], tiny=False).get("logger"))
     assert (len(loggers) == 0) == (option == "none")

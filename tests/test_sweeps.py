@@ -7,7 +7,6 @@ and with the Optuna sweeper.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -101,8 +100,6 @@ def test_sweep_over_experiments(tmp_path, data_dir, make_cfg):
 
 @pytest.mark.slow
 def test_optuna_sweep(tmp_path, data_dir):
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        pytest.skip("hydra-optuna-sweeper is not installed (pip install hydra-optuna-sweeper)")
     out, jobs = sweep(
         tmp_path,
         data_dir,

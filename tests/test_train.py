@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import math
 import os
 import subprocess
@@ -156,8 +155,6 @@ def test_optimized_metric_is_needed_only_where_a_sweeper_optimises_it(make_cfg, 
     assert metric_sweeper() is None
     assert get_metric_value({"val/loss": 1.0}, "val/acc") is None
     assert "optimized_metric=val/acc was not logged (logged: val/loss)" in caplog.text
-    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
-        pytest.skip("hydra-optuna-sweeper is not installed")
     make_cfg(["hparams_search=optuna"])  # a multirun whose sweeper optimises the returned metric
     assert metric_sweeper() == "OptunaSweeper"
     with pytest.raises(ValueError, match=r"The OptunaSweeper sweeper optimises optimized_metric=val/acc, which"):
@@ -212,7 +209,8 @@ def test_ddp_sim(make_cfg):
 
 @pytest.mark.slow
 def test_wandb_offline_run_is_finished(make_cfg, monkeypatch):
-    wandb = pytest.importorskip("wandb")
+    import wandb
+
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from flatsophia.experiments.tuning import QMCSampler, unit_to_value
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 QMC_OPTIONS = sorted(p.stem for p in (CONF_DIR / "hparams_search").glob("qmc_*.yaml"))
-HAS_OPTUNA_SWEEPER = importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -86,7 +84,6 @@ def test_unit_to_value_edges_and_errors():
         QMCSampler(max_trials=4).point(4)
 
 
-@pytest.mark.skipif(not HAS_OPTUNA_SWEEPER, reason="hydra-optuna-sweeper is not installed")
 @pytest.mark.parametrize("experiment", ["flat_sophia_overfit", "sophia_charlm"])
 @pytest.mark.parametrize("option", QMC_OPTIONS)
 def test_search_spaces_compose_and_every_trial_builds_its_optimizer(make_cfg, option, experiment):

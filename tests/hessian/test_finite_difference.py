@@ -41,7 +41,8 @@ def _mlp(dtype=F64, dropout=0.0, bn=False, seed=0):
 
 
 def _vit(dtype):
-    timm = pytest.importorskip("timm")
+    import timm
+
     torch.manual_seed(0)
     kw = dict(img_size=16, patch_size=8, num_classes=5, depth=2, embed_dim=24, num_heads=2)
     # dropout after the embedding and projections, and stochastic depth; timm's fused attention

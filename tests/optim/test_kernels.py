@@ -125,7 +125,7 @@ def _compile_or_skip():
     try:
         torch.compile(lambda x: x * 2)(torch.ones(2))
     except Exception as err:  # noqa: BLE001 - no C++ compiler, unsupported platform, ...
-        pytest.skip(f"torch.compile is unavailable here: {type(err).__name__}: {err}")
+        pytest.skip(f"torch.compile (inductor needs a C++ compiler on CPU) failed here: {type(err).__name__}: {err}")
 
 
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "multi"])

@@ -12,21 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatsophia.bench.workloads import authors_sophia_g
 from flatsophia.optim import SophiaG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reference_cls():
-    """The authors' SophiaG from ``sophia-opt`` (imported as ``sophia`` or ``sophia_opt``)."""
-    for module in ("sophia", "sophia_opt"):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        if hasattr(mod, "SophiaG"):
-            return mod.SophiaG
-    pytest.skip("sophia-opt (the authors' SophiaG) is not installed")
+    """The authors' SophiaG from ``sophia-opt`` (a requirement of the test extra)."""
+    cls = authors_sophia_g()
+    assert cls is not None, "sophia-opt is installed but exposes no SophiaG (as sophia_opt or sophia)"
+    return cls
 
 
 class Net(nn.Module):

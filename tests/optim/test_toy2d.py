@@ -95,7 +95,6 @@ def test_run_all_and_bad_arguments():
 
 
 def test_plot_script_writes_png(tmp_path):
-    pytest.importorskip("matplotlib")
     spec = importlib.util.spec_from_file_location("toy2d_plot", ROOT / "scripts" / "toy2d_plot.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
