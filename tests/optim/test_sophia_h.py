@@ -419,24 +419,27 @@ def _save_load(opt, new_opt):
     return new_opt
 
 
-def test_state_dict_round_trip_keeps_dtypes_and_lockstep():
+@pytest.mark.parametrize(
+    "dtype, mu_dtype",
+    [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float64)],
+    ids=["bf16-momentum", "fp32-momentum-bf16-params", "fp64-momentum"],
+)
+def test_state_dict_round_trip_keeps_dtypes_and_lockstep(dtype, mu_dtype):
+    """The momentum keeps ``mu_dtype`` (every bit, also when wider than the parameters), the mask int8."""
     sizes = [(5, 4), (4,)]
-    pa, pb = (
-        _rand_params(sizes, seed=12, dtype=torch.float32),
-        _rand_params(sizes, seed=12, dtype=torch.float32),
-    )
-    kw = dict(lr=1e-2, gamma=1.0, sharp_fraction=0.25, dampening_factor=3, mu_dtype=torch.bfloat16)
+    pa, pb = _rand_params(sizes, seed=12, dtype=dtype), _rand_params(sizes, seed=12, dtype=dtype)
+    kw = dict(lr=1e-2, gamma=1.0, sharp_fraction=0.25, dampening_factor=3, mu_dtype=mu_dtype)
     fa, fb = FlatSophia(pa, **kw), FlatSophia(pb, **kw)
     g = torch.Generator().manual_seed(13)
 
     def run(steps, start):
         for t in range(start, start + steps):
             if t % 4 == 0:
-                est = [torch.randn(s, generator=g) for s in sizes]
+                est = [torch.randn(s, generator=g).to(dtype) for s in sizes]
                 fa.update_hessian(est)
                 fb.update_hessian([e.clone() for e in est])
             for a, b in zip(pa, pb, strict=True):
-                a.grad = torch.randn(a.shape, generator=g)
+                a.grad = torch.randn(a.shape, generator=g).to(dtype)
                 b.grad = a.grad.clone()
             fa.step()
             fb.step()
@@ -446,8 +449,8 @@ def test_state_dict_round_trip_keeps_dtypes_and_lockstep():
     for b in pb:
         st = fb.state[b]
         assert st["mask"].dtype == torch.int8, "load_state_dict must not cast the int8 mask"
-        assert st["exp_avg"].dtype == torch.bfloat16, "load_state_dict must keep mu_dtype"
-        assert st["hessian"].dtype == torch.float32 and st["step"].item() == 6
+        assert st["exp_avg"].dtype == mu_dtype, "load_state_dict must keep mu_dtype"
+        assert st["hessian"].dtype == dtype and st["step"].item() == 6
     run(7, 6)
     for a, b in zip(pa, pb, strict=True):
         assert torch.equal(a, b)

@@ -119,24 +119,28 @@ class SophiaH(_SophiaBase):
         options["mu_dtype"] = _parse_dtype(options["mu_dtype"])
         check_foreach(options["foreach"])
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a name such as "bf16" from an older state dict
+            group["mu_dtype"] = _parse_dtype(group["mu_dtype"])
+
     def load_state_dict(self, state_dict: dict) -> None:
         """``torch.optim.Optimizer.load_state_dict``, keeping a ``mu_dtype`` momentum and the int8 mask.
 
-        The base class casts every state tensor but ``step`` to the parameter's dtype; the
-        momentum goes back to ``mu_dtype`` and FlatSophia's mask to int8 here (both exactly).
+        The base class casts every state tensor but ``step`` to the parameter's dtype; the momentum
+        (in ``mu_dtype``) and FlatSophia's mask (int8) are taken again from the saved tensors here, so
+        a momentum wider than the parameters (float32 under bfloat16) keeps every bit.
         """
+        saved = state_dict["state"]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            group["mu_dtype"] = _parse_dtype(group["mu_dtype"])
-            for p in group["params"]:
-                state = self.state.get(p)
-                if not state:
-                    continue
-                mu_dtype = group["mu_dtype"] or p.dtype
-                if "exp_avg" in state and state["exp_avg"].dtype != mu_dtype:
-                    state["exp_avg"] = state["exp_avg"].to(mu_dtype)
-                if "mask" in state and state["mask"].dtype != torch.int8:
-                    state["mask"] = state["mask"].to(torch.int8)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(saved_ids, pairs):
+            old = saved.get(pid, {})
+            if "exp_avg" in old:
+                self.state[p]["exp_avg"] = old["exp_avg"].to(device=p.device, dtype=group["mu_dtype"] or p.dtype)
+            if "mask" in old:
+                self.state[p]["mask"] = old["mask"].to(device=p.device, dtype=torch.int8)
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
