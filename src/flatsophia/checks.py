@@ -9,7 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["check_int", "check_nonneg", "check_positive", "check_betas", "check_bool", "check_choice"]
+__all__ = [
+    "check_int",
+    "check_probability",
+    "check_nonneg",
+    "check_positive",
+    "check_betas",
+    "check_bool",
+    "check_choice",
+]
 
 
 def _is_number(value) -> bool:
@@ -22,6 +30,15 @@ def check_int(name: str, value, low: int, allow_none: bool = False):
         return value
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {low}{' or null' if allow_none else ''})")
+    return value
+
+
+def check_probability(name: str, value, allow_none: bool = False):
+    """``value`` if it is a number in (0, 1] (or ``None`` with ``allow_none``); else ``ValueError``."""
+    if value is None and allow_none:
+        return value
+    if not _is_number(value) or not 0 < value <= 1:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a number in (0, 1]{' or null' if allow_none else ''})")
     return value
 
 

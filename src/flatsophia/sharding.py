@@ -116,8 +116,11 @@ def wrap_like(t: torch.Tensor, like):
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """L2 norm of all ``tensors`` together, in float32; DTensors' shards summed over their ranks (one
     all-reduce of a scalar, no gather)."""
-    sq = torch.stack([torch.linalg.vector_norm(local(t).float()) for t in tensors]).square().sum()
-    return all_reduce_sum(sq, shard_group(tensors)).sqrt()
+    norms = torch.stack([torch.linalg.vector_norm(local(t).float()) for t in tensors])
+    groups = shard_group(tensors)
+    if groups is None:
+        return torch.linalg.vector_norm(norms)
+    return all_reduce_sum(norms.square().sum(), groups).sqrt()
 
 
 def fully_shard_blocks(module: torch.nn.Module, mesh) -> torch.nn.Module:

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flatsophia.checks import check_choice, check_int
+from flatsophia.checks import check_choice, check_int, check_probability
 from flatsophia.data._base import KINDS
 from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES, SHARDED_AUTOGRAD
 from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
@@ -79,9 +79,7 @@ def check_hessian_block(hessian: dict) -> None:
     """Validate a merged ``hessian`` block (see :data:`HESSIAN_DEFAULTS`)."""
     check_choice("hessian.estimator", hessian["estimator"], ("auto", *HESSIAN_ESTIMATORS))
     check_int("hessian.every_k", hessian["every_k"], 1)
-    p = hessian["refresh_prob"]
-    if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
-        raise ValueError(f"Invalid hessian.refresh_prob: {p!r} (expected null or a number in (0, 1])")
+    check_probability("hessian.refresh_prob", hessian["refresh_prob"], allow_none=True)
     check_choice("hessian.distribution", hessian["distribution"], DISTRIBUTIONS)
     check_int("hessian.n_probes", hessian["n_probes"], 1)
     check_int("hessian.seed", hessian["seed"], 0)

@@ -55,12 +55,9 @@ def set_rng_state(state: dict) -> None:
 def replayed_rng(state: dict):
     """Run the block with the global RNG at ``state`` (the same dropout masks as the pass that
     started there), then put the stream back where it was: the block draws nothing from it."""
-    now = capture_rng_state(state["cuda"])
-    set_rng_state(state)
-    try:
+    with torch.random.fork_rng(devices=list(state["cuda"])):
+        set_rng_state(state)
         yield
-    finally:
-        set_rng_state(now)
 
 
 @contextlib.contextmanager

@@ -263,7 +263,7 @@ class Hutchinson(HessianEstimator):
         lp, g0 = [params[i] for i in live], [local(grads[i]).detach() for i in live]
         _check_precision(lp)
         c = self.fd_scale or math.sqrt(max(torch.finfo(p.dtype).eps for p in lp))
-        groups = shard_group(lp) if any_dtensor(lp) else None
+        groups = shard_group(lp)
         xs = [local(p) for p in lp]  # sharded: this rank's shards, which FSDP all-gathers in the forward
         theta_norm = _global_norm(xs, groups)
         if rng_state is None:

@@ -59,7 +59,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from flatsophia.checks import check_int
+from flatsophia.checks import check_int, check_probability
 from flatsophia.sharding import any_dtensor
 
 from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention
@@ -147,10 +147,7 @@ class HessianRefresher:
         optimizer_name: str | None = None,
     ):
         check_int("every_k", every_k, 1)
-        if refresh_prob is not None and (
-            not isinstance(refresh_prob, (int, float)) or isinstance(refresh_prob, bool) or not 0 < refresh_prob <= 1
-        ):
-            raise ValueError(f"Invalid refresh_prob: {refresh_prob!r} (expected None or a number in (0, 1])")
+        check_probability("refresh_prob", refresh_prob, allow_none=True)
         self.optimizer = optimizer
         self.model = model
         self.every_k = every_k
@@ -218,13 +215,15 @@ class HessianRefresher:
             self._rng = torch.Generator().manual_seed(int(self.seed) + 1)
         return self._rng
 
-    def due(self, step: int) -> bool:
+    def due(self, step: int, *, peek: bool = False) -> bool:
         """Whether optimizer step ``step`` refreshes. The random schedule draws on every call:
         call it once per optimizer step that is taken (``maybe_refresh`` does), so a resumed run
-        draws the same stream."""
+        draws the same stream. ``peek=True`` gives the same answer from a copy of the generator,
+        leaving the stream as it is."""
         if self.refresh_prob is None:
             return step % self.every_k == 0
-        draw = torch.rand((), generator=self.rng).item()
+        rng = torch.Generator().set_state(self.rng.get_state()) if peek else self.rng
+        draw = torch.rand((), generator=rng).item()
         return step == 0 or draw < self.refresh_prob
 
     def shares_forward(self, step: int) -> bool:
@@ -243,15 +242,8 @@ class HessianRefresher:
             and self.reduce is None
             and not self.sharded
             and self.refresh_prob is None
-            and step % self.every_k == 0
+            and self.due(step)
         )
-
-    def _due_without_drawing(self, step: int) -> bool:
-        """What :meth:`due` will answer for ``step``, leaving the random schedule's stream as it is."""
-        if self.refresh_prob is None:
-            return step % self.every_k == 0
-        peek = torch.Generator().set_state(self.rng.get_state())
-        return step == 0 or torch.rand((), generator=peek).item() < self.refresh_prob
 
     @contextlib.contextmanager
     def training_pass(self, step: int, loss_divisor: float = 1):
@@ -267,7 +259,7 @@ class HessianRefresher:
         pass minus the one before, when micro-batches accumulate), already averaged over ranks.
         """
         self._pass = None
-        if not (self.finite_difference and self._due_without_drawing(step)):
+        if not (self.finite_difference and self.due(step, peek=True)):
             yield
             return
         params = self.optimizer.hessian_params()

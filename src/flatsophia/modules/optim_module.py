@@ -296,12 +296,7 @@ class OptimLitModule(L.LightningModule):
 
     def _optimizer_step(self, opt, x, y, loss, preds: int, estimates=None) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if any_dtensor(params):  # FSDP2: each rank's shards, one all-reduce
-            grad_norm = global_norm([p.grad for p in params])
-        else:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(p.grad.float()) for p in params])
-            )
+        grad_norm = global_norm([p.grad for p in params])  # FSDP2: each rank's shards, one all-reduce
         if not torch.isfinite(grad_norm):
             self._nonfinite(opt, loss)
             return
