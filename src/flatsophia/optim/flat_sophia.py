@@ -9,11 +9,11 @@ An independent PyTorch implementation of the reference's semantics.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from flatsophia.sharding import all_reduce_sum, any_dtensor, local, local_shard, shard_group, wrap_like
+from flatsophia.sharding import all_reduce_sum, local, local_shard, shard_group, wrap_like
 
 from ._base import _global_sums, _SophiaBase
 from ._common import check_int, check_nonneg
@@ -24,7 +24,6 @@ __all__ = [
     "MASK_SOURCES",
     "build_masks",
     "distributed_kth_largest",
-    "global_threshold",
     "kth_largest",
 ]
 
@@ -181,50 +180,31 @@ class FlatSophia(SophiaH):
         return out
 
 
-def global_threshold(flat_abs: torch.Tensor, sharp_fraction: float) -> torch.Tensor | None:
-    """The mask threshold: the ``k``-th largest of ``flat_abs`` with ``k = int(sharp_fraction * n)``
-    (``None`` for ``k = 0``: nothing is masked). A distributed variant would reduce across ranks."""
-    k = int(sharp_fraction * flat_abs.numel())
-    return kth_largest(flat_abs, k) if k else None
-
-
 @torch.no_grad()
 def build_masks(
-    masks: Sequence[torch.Tensor],
-    sources: Sequence[torch.Tensor],
-    sharp_fraction: float,
-    dampening_factor: int,
-    threshold: Callable[[torch.Tensor, float], torch.Tensor | None] = global_threshold,
-    *,
-    group=None,
+    masks: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], sharp_fraction: float, dampening_factor: int
 ) -> None:
     """Write ``dampening_factor`` where ``|source| > tau`` and 1 elsewhere into each int8 mask, with
-    ``tau = threshold(|all sources, flattened and concatenated|, sharp_fraction)``.
+    ``tau`` the ``k``-th largest of all ``|sources|`` together, ``k = int(sharp_fraction * n)`` (nothing
+    is damped for ``k = 0``).
 
-    Sharded: when the sources are DTensors (FSDP2 parameters), or a process ``group`` (or a list of
-    groups) is given for plain tensors that are this rank's part of a whole, ``tau`` is the ``k``-th
-    largest over all ranks' values, ``k = int(sharp_fraction * n)`` with ``n`` the global count,
-    found by :func:`distributed_kth_largest` (4 all-reduces of 256 counts in float32, one more to
-    count ``n`` when a ``group`` is given); each rank writes only its own masks.
+    Sharded: when the sources are DTensors (FSDP2 parameters), ``n`` is the global count and ``tau``
+    the ``k``-th largest over all ranks' values, found by :func:`distributed_kth_largest` (4
+    all-reduces of 256 counts in float32, no gather); each rank writes only its own masks.
     """
-    groups = None
-    if any_dtensor(sources) or any_dtensor(masks):
-        groups = shard_group(list(sources) + list(masks))
-        n_total = sum(s.numel() for s in sources)  # a DTensor's numel is the global one
-        masks, sources = [local(m) for m in masks], [local(s) for s in sources]
-    elif group is not None:
-        groups = list(group) if isinstance(group, (list, tuple)) else [group]
-        count = torch.tensor([sum(s.numel() for s in sources)], dtype=torch.int64, device=masks[0].device)
-        n_total = int(all_reduce_sum(count, groups))
+    groups = shard_group(list(sources) + list(masks))
+    k = int(sharp_fraction * sum(s.numel() for s in sources))  # a DTensor's numel is the global one
+    masks, sources = [local(m) for m in masks], [local(s) for s in sources]
     dtype = torch.float32
     for s in sources:
         dtype = torch.promote_types(dtype, s.dtype)
     flat = torch.cat([s.detach().reshape(-1).to(dtype) for s in sources]).abs_()
-    if groups is not None:
-        k = int(sharp_fraction * n_total)
-        tau = distributed_kth_largest(flat, k, groups) if k else None
+    if not k:
+        tau = None
+    elif groups is None:
+        tau = kth_largest(flat, k)
     else:
-        tau = threshold(flat, sharp_fraction)
+        tau = distributed_kth_largest(flat, k, groups)
     offset = 0
     for mask, s in zip(masks, sources):
         if tau is None:
@@ -232,7 +212,7 @@ def build_masks(
             continue
         part = flat[offset : offset + s.numel()].view(s.shape)
         offset += s.numel()
-        mask.copy_(torch.where(part > tau, dampening_factor, 1))
+        mask.fill_(1).masked_fill_(part > tau, dampening_factor)
 
 
 #: Below this many values :func:`kth_largest` calls ``torch.kthvalue`` directly.
@@ -337,8 +317,7 @@ def distributed_kth_largest(flat: torch.Tensor, k: int, group=None, *, radix_bit
         else:
             digits = (cand >> lo) & ((1 << width) - 1)
             hist = torch.bincount(digits, minlength=1 << width)
-        for g in groups:
-            torch.distributed.all_reduce(hist, group=g)
+        all_reduce_sum(hist, groups)
         if first:
             if int(hist[-1]):
                 raise ValueError("distributed_kth_largest: the values must be non-negative and not NaN")
