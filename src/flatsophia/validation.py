@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int, check_probability
-from flatsophia.data._base import KINDS
+from flatsophia.data._base import KINDS, TASKS
 from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES, SHARDED_AUTOGRAD
 from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
 from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, get_spec
@@ -44,7 +44,6 @@ __all__ = [
     "validate_config",
 ]
 
-TASKS = ("classification", "lm")
 NONFINITE_POLICIES = ("skip", "raise")
 
 #: Defaults of the ``hessian`` block; every key a user sets must be one of these.
@@ -202,8 +201,8 @@ def model_accepts(target: str | None) -> tuple[str, ...] | None:
     return tuple(accepts) if accepts is not None else None
 
 
-def _either(items: list[str], last: str = "or") -> str:
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {last} {items[-1]}"
+def _either(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} or {items[-1]}"
 
 
 def check_data_model(cfg: DictConfig) -> None:
@@ -255,25 +254,30 @@ def check_metric_fits(cfg: DictConfig) -> None:
         )
 
 
+def _trainer_label(accelerator: str) -> str:
+    """``trainer=<choice>`` when the chosen trainer option set ``accelerator``, else the override."""
+    choice = _choice("trainer")
+    chosen = (group_options("trainer").get(choice) or {}).get("accelerator") if choice else None
+    return f"trainer={choice}" if chosen == accelerator else f"trainer.accelerator={accelerator}"
+
+
 def check_hardware(cfg: DictConfig) -> None:
     """Refuse a trainer that asks for a GPU (CUDA or Apple MPS) this machine does not have."""
     trainer = cfg.get("trainer") or {}
     accelerator = str(trainer.get("accelerator") or "cpu").lower()
-    choice = _choice("trainer")
-    chosen = (group_options("trainer").get(choice) or {}).get("accelerator") if choice else None
-    label = f"trainer={choice}" if chosen == accelerator else f"trainer.accelerator={accelerator}"
     instead = "use trainer=cpu, or trainer=ddp_sim to exercise DDP on the CPU"
     mps = torch.backends.mps.is_available()
     if accelerator in ("gpu", "cuda") and not (accelerator == "gpu" and mps):
         if not torch.cuda.is_available():
-            raise ValueError(f"{label} needs a CUDA GPU and none was found; {instead}")
+            raise ValueError(f"{_trainer_label(accelerator)} needs a CUDA GPU and none was found; {instead}")
         devices, count = trainer.get("devices"), torch.cuda.device_count()
         if isinstance(devices, int) and not isinstance(devices, bool) and devices > count:
             raise ValueError(
-                f"{label} asks for trainer.devices={devices} GPUs and this machine has {count}; "
+                f"{_trainer_label(accelerator)} asks for trainer.devices={devices} GPUs and this machine has {count}; "
                 f"set trainer.devices={count} (or fewer)"
             )
     elif accelerator == "mps" and not mps:
+        label = _trainer_label(accelerator)
         raise ValueError(f"{label} needs an Apple-silicon GPU (MPS) and none was found; {instead}")
 
 

@@ -35,7 +35,7 @@ def _entries(cfg: DictConfig | None, kind: str) -> list[tuple[str, DictConfig]]:
     return out
 
 
-def _instantiate(name: str, conf: DictConfig, kind: str):
+def _instantiate(conf: DictConfig, kind: str):
     log.info("Instantiating %s <%s>", kind, conf._target_)
     return hydra.utils.instantiate(conf)
 
@@ -54,7 +54,7 @@ def instantiate_callbacks(cfg: DictConfig | None, has_logger: bool = True) -> li
             if isinstance(target, type) and issubclass(target, NEEDS_LOGGER):
                 log.info("Skipping callbacks.%s (%s): it writes to a logger and there is none", name, target.__name__)
                 continue
-        out.append(_instantiate(name, conf, "callbacks"))
+        out.append(_instantiate(conf, "callbacks"))
     return out
 
 
@@ -66,7 +66,7 @@ def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
     in separately spawned processes, each with a copy of these loggers, and a copy that resolved it
     itself would take the next free folder (``fit`` in ``version_0``, ``test`` in ``version_1``).
     """
-    loggers = [_instantiate(name, conf, "logger") for name, conf in _entries(cfg, "logger")]
+    loggers = [_instantiate(conf, "logger") for _, conf in _entries(cfg, "logger")]
     for logger in loggers:
         _ = logger.version
     return loggers

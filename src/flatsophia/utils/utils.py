@@ -85,13 +85,11 @@ def metric_sweeper() -> str | None:
     return target.rsplit(".", 1)[-1]
 
 
-def get_metric_value(
-    metric_dict: dict[str, Any], metric_name: str | None, required: bool | None = None
-) -> float | None:
+def get_metric_value(metric_dict: dict[str, Any], metric_name: str | None) -> float | None:
     """The value of ``metric_name`` in ``metric_dict`` as a float (``None`` if no name is given).
 
-    A metric that was not logged is an error only where it is ``required`` (by default: where a
-    sweeper optimises it, see :func:`metric_sweeper`); elsewhere a warning, and ``None``.
+    A metric that was not logged is an error only where a sweeper optimises it (see
+    :func:`metric_sweeper`); elsewhere a warning, and ``None``.
     """
     if not metric_name:
         log.info("No optimized_metric given; returning None")
@@ -99,10 +97,10 @@ def get_metric_value(
     if metric_name not in metric_dict:
         logged = ", ".join(sorted(metric_dict)) or "none"
         sweeper = metric_sweeper()
-        if required or (required is None and sweeper):
-            who = f"The {sweeper} sweeper optimises" if sweeper else "This run needs"
+        if sweeper:
             raise ValueError(
-                f"{who} optimized_metric={metric_name}, which this run did not log (logged: {logged}). "
+                f"The {sweeper} sweeper optimises optimized_metric={metric_name}, which this run did not log "
+                f"(logged: {logged}). "
                 "Set optimized_metric to one of these, and check that validation runs (trainer.limit_val_batches)."
             )
         log.warning("optimized_metric=%s was not logged (logged: %s); only a sweeper needs it", metric_name, logged)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatsophia.checks import check_choice, check_int
+
 __all__ = ["MLP", "ACTIVATIONS"]
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
@@ -53,18 +55,15 @@ class MLP(nn.Module):
         embed_dim: int = 32,
     ):
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"Invalid activation: {activation!r} (choose one of {', '.join(ACTIVATIONS)})")
+        check_choice("activation", activation, tuple(ACTIVATIONS))
         if not 0 <= dropout < 1:
             raise ValueError(f"Invalid dropout: {dropout!r} (expected a number in [0, 1))")
-        if kind not in KINDS:
-            raise ValueError(f"Invalid kind: {kind!r} (choose one of {', '.join(KINDS)})")
+        check_choice("kind", kind, KINDS)
         self.kind = kind
         layers: list[nn.Module] = []
         if kind == "tokens":
-            for name, value in (("context", context), ("embed_dim", embed_dim)):
-                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                    raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+            check_int("context", context, 1)
+            check_int("embed_dim", embed_dim, 1)
             self.context = context
             self.embed = nn.Embedding(num_classes, embed_dim)
             in_features = context * embed_dim
