@@ -131,11 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _meta(a, command: str, workload, device: torch.device) -> dict:
+    commit = _git("rev-parse", "HEAD")
     return dict(
         command=command,
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        git_commit=_git("rev-parse", "HEAD"),
-        git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if _git("rev-parse", "HEAD") else None,
+        git_commit=commit,
+        git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
         torch=torch.__version__,
         python=platform.python_version(),
         packages=_versions("timm", "sophia_opt"),

@@ -61,6 +61,12 @@ def _table(header: list[str], align: str, lines: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(cells) + " |" for cells in lines)]
 
 
+def _block(title: str, header: list[str], align: str, lines: list[list[str]], cov=None, rounds=0) -> list[str]:
+    """A section: its title line and table, then the CI coverage line where ``cov`` is given."""
+    out = ["", title, "", *_table(header, align, lines)]
+    return out if cov is None else [*out, "", _coverage_line(cov, rounds)]
+
+
 def _hvp(row: dict) -> str:
     return row.get("hvp") or "-"
 
@@ -72,15 +78,12 @@ def _iteration(sec: dict, rounds: int) -> list[str]:
         bad = _status(row)
         cells = ["-", "-", bad] if bad else [_ms(row["median_ms"]), _ratio(row, cov), row.get("note", "")]
         lines.append([row["optimizer"], _hvp(row), *cells])
-    return [
-        "",
+    title = (
         f"**Training iteration**, one Hessian refresh per {sec['k']} iterations (median ms per iteration; "
-        "ratio to fused AdamW paired round by round):",
-        "",
-        *_table(["optimizer", "hvp", "ms / iteration", "x fused AdamW", "refresh"], "llrll", lines),
-        "",
-        _coverage_line(cov, rounds),
-    ]
+        "ratio to fused AdamW paired round by round):"
+    )
+    header = ["optimizer", "hvp", "ms / iteration", "x fused AdamW", "refresh"]
+    return _block(title, header, "llrll", lines, cov, rounds)
 
 
 def _refresh(sec: dict, rounds: int) -> list[str]:
@@ -103,16 +106,12 @@ def _refresh(sec: dict, rounds: int) -> list[str]:
             ]
         )
     header = ["optimizer", "hvp", "ms", "x forward+backward", "GFLOP", "FLOPs x fwd+bwd", "iteration floor", "how"]
-    return [
-        "",
+    title = (
         "**Refresh step**: the training gradient, the estimate and `update_hessian` as the loop runs them on a "
         "refresh step (no optimizer step), against a plain forward+backward; FLOPs counted with `FlopCounterMode`; "
-        f"floor: the iteration ratio these FLOPs allow at k = {k}, 1 + (FLOP ratio - 1) / {k}.",
-        "",
-        *_table(header, "llrlrrrl", lines),
-        "",
-        _coverage_line(cov, rounds),
-    ]
+        f"floor: the iteration ratio these FLOPs allow at k = {k}, 1 + (FLOP ratio - 1) / {k}."
+    )
+    return _block(title, header, "llrlrrrl", lines, cov, rounds)
 
 
 def _step(res: dict, rounds: int) -> list[str]:
@@ -125,14 +124,9 @@ def _step(res: dict, rounds: int) -> list[str]:
         else:
             cells = [_ms(row["median_ms"]), _ratio(row, cov), compile_s, row.get("note", "")]
         lines.append([row["optimizer"], row["kernel"], *cells])
-    out = [
-        "",
-        "**Optimizer step** alone on fixed gradients (median ms per step; ratio to fused AdamW's step):",
-        "",
-        *_table(["optimizer", "kernel", "ms / step", "x fused AdamW", "compile s", "note"], "llrlrl", lines),
-        "",
-        _coverage_line(cov, rounds),
-    ]
+    title = "**Optimizer step** alone on fixed gradients (median ms per step; ratio to fused AdamW's step):"
+    header = ["optimizer", "kernel", "ms / step", "x fused AdamW", "compile s", "note"]
+    out = _block(title, header, "llrlrl", lines, cov, rounds)
     it = res.get("iteration", {}).get("rows", {}).get(sec["reference"], {})
     st = sec["rows"].get(sec["reference"], {})
     if it.get("median_ms") and st.get("median_ms"):
@@ -147,7 +141,7 @@ def _state(sec: dict) -> list[str]:
         cells = ["-", bad] if bad else [f"{row['bytes_per_param']:.4f}", f"{row['bytes_per_param_with_counters']:.6f}"]
         lines.append([row["optimizer"], *cells])
     header = ["optimizer", "bytes / parameter", "with the 0-d step counters"]
-    return ["", "**Optimizer state** (exact; bytes per parameter):", "", *_table(header, "lrr", lines)]
+    return _block("**Optimizer state** (exact; bytes per parameter):", header, "lrr", lines)
 
 
 def _memory(sec: dict) -> list[str]:
@@ -157,7 +151,7 @@ def _memory(sec: dict) -> list[str]:
         cells = ["-", bad] if bad else [f"{row['peak_mib']:.1f}", f"{row['ratio']:.2f}"]
         lines.append([row["optimizer"], _hvp(row), *cells])
     header = ["optimizer", "hvp", "peak MiB", "x forward+backward"]
-    return ["", f"**Peak memory of a refresh step** ({sec['method']}):", "", *_table(header, "llrr", lines)]
+    return _block(f"**Peak memory of a refresh step** ({sec['method']}):", header, "llrr", lines)
 
 
 def markdown(res: dict) -> str:

@@ -145,39 +145,46 @@ def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None
 # ---------------------------------------------------------------------------- sections
 
 
-def run_iteration(ctx: Context) -> dict:
-    ctx.log(f"== iteration: one refresh per {ctx.k} iterations (HessianRefresher's plain loop)")
-    rows, cands = {}, {}
-    for name in ctx.optimizers:
+def _candidates(ctx: Context, rows: dict, names: list[str]):
+    """For each of ``names`` and each of its HVP forms: add its row to ``rows`` and yield ``(name, hvp,
+    row, candidate(...))``, keeping the model and optimizer alive; a candidate that cannot be built
+    here leaves its row ``skipped`` with the reason."""
+    for name in names:
         for hvp in hvp_forms(name):
-            key = _row_key(name, hvp)
-            row = rows[key] = dict(optimizer=label(name), hvp=hvp, status="ok")
+            row = rows[_row_key(name, hvp)] = dict(optimizer=label(name), hvp=hvp, status="ok")
             try:
-                model, opt, forward, loss_fn = candidate(ctx, name)
+                built = candidate(ctx, name)
             except Unavailable as e:
                 row.update(status="skipped", note=str(e))
                 continue
-            counter = itertools.count()
-            if hessian_of(name) == "authors":
-                preds = ctx.workload.predictions
+            ctx.keep.append(built[:2])
+            yield name, hvp, row, built
 
-                def fn(opt=opt, forward=forward, loss_fn=loss_fn, counter=counter, preds=preds):
-                    authors_training_step(opt, forward, loss_fn, next(counter), ctx.k, preds)
 
-                row["note"] = _refresh_note(name, hvp, None, ctx.k)
-            else:
-                refresher = refresher_for(ctx, name, model, opt, hvp)
+def run_iteration(ctx: Context) -> dict:
+    ctx.log(f"== iteration: one refresh per {ctx.k} iterations (HessianRefresher's plain loop)")
+    rows, cands = {}, {}
+    for name, hvp, row, (model, opt, forward, loss_fn) in _candidates(ctx, rows, ctx.optimizers):
+        counter = itertools.count()
+        if hessian_of(name) == "authors":
+            preds = ctx.workload.predictions
 
-                def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn, counter=counter):
-                    training_step(opt, refresher, forward, loss_fn, next(counter))
+            def fn(opt=opt, forward=forward, loss_fn=loss_fn, counter=counter, preds=preds):
+                authors_training_step(opt, forward, loss_fn, next(counter), ctx.k, preds)
 
-                row["note"] = _refresh_note(name, hvp, refresher, ctx.k)
-                if freq := opt.defaults.get("precondition_frequency"):
-                    row["note"] = f"eigenbasis refresh inside step() every {freq} steps"
-            for _ in range(2):
-                fn()
-            cands[key] = fn
-            ctx.keep.append((model, opt))
+            row["note"] = _refresh_note(name, hvp, None, ctx.k)
+        else:
+            refresher = refresher_for(ctx, name, model, opt, hvp)
+
+            def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn, counter=counter):
+                training_step(opt, refresher, forward, loss_fn, next(counter))
+
+            row["note"] = _refresh_note(name, hvp, refresher, ctx.k)
+            if freq := opt.defaults.get("precondition_frequency"):
+                row["note"] = f"eigenbasis refresh inside step() every {freq} steps"
+        for _ in range(2):
+            fn()
+        cands[_row_key(name, hvp)] = fn
     for key, stats in measure(cands, ctx.rounds, ctx.threads, number=ctx.k, log=ctx.log, label="iteration").items():
         rows[key].update(stats)
     add_ratios(rows, REFERENCE)
@@ -196,35 +203,25 @@ def _refresh_candidates(ctx: Context) -> tuple[dict[str, dict], dict[str, Callab
     rows = {"fwd_bwd": dict(optimizer="forward+backward", hvp=None, status="ok", note="the unit: no refresh")}
     fns = {"fwd_bwd": fwd_bwd}
     ctx.keep.append((model, opt))
-    for name in ctx.optimizers:
-        if hessian_of(name) == "none":
-            continue
-        for hvp in hvp_forms(name):
-            key = _row_key(name, hvp)
-            row = rows[key] = dict(optimizer=label(name), hvp=hvp, status="ok")
-            try:
-                model, opt, forward, loss_fn = candidate(ctx, name)
-            except Unavailable as e:
-                row.update(status="skipped", note=str(e))
-                continue
-            if hessian_of(name) == "authors":
+    second_order = [name for name in ctx.optimizers if hessian_of(name) != "none"]
+    for name, hvp, row, (model, opt, forward, loss_fn) in _candidates(ctx, rows, second_order):
+        if hessian_of(name) == "authors":
 
-                def fn(opt=opt, forward=forward, loss_fn=loss_fn):
-                    opt.zero_grad(set_to_none=True)
-                    loss_fn(forward()).backward()  # the training gradient, consumed by the step
-                    opt.zero_grad(set_to_none=True)
-                    authors_refresh(opt, forward)
+            def fn(opt=opt, forward=forward, loss_fn=loss_fn):
+                opt.zero_grad(set_to_none=True)
+                loss_fn(forward()).backward()  # the training gradient, consumed by the step
+                opt.zero_grad(set_to_none=True)
+                authors_refresh(opt, forward)
 
-                row["note"] = "training forward+backward, then the authors' refresh on its own forward"
-            else:
-                refresher = refresher_for(ctx, name, model, opt, hvp)
+            row["note"] = "training forward+backward, then the authors' refresh on its own forward"
+        else:
+            refresher = refresher_for(ctx, name, model, opt, hvp)
 
-                def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn):
-                    training_step(opt, refresher, forward, loss_fn, 0, take_step=False)
+            def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn):
+                training_step(opt, refresher, forward, loss_fn, 0, take_step=False)
 
-                row["note"] = _refresh_note(name, hvp, refresher)
-            fns[key] = fn
-            ctx.keep.append((model, opt))
+            row["note"] = _refresh_note(name, hvp, refresher)
+        fns[_row_key(name, hvp)] = fn
     return rows, fns
 
 
