@@ -9,6 +9,8 @@ printing off and the Hydra runtime set so ``${hydra:...}`` interpolations resolv
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -79,6 +81,28 @@ TINY_DEFAULT = [
     "model.depth=1",
     "model.num_heads=2",
 ]
+
+
+def run_script(
+    script: str, *overrides: str, log_dir: Path, data_dir: Path, check: bool = True, timeout: int = 300, **env
+) -> subprocess.CompletedProcess:
+    """``python src/<script>.py <overrides>`` from the project root, as a user runs it: one thread, no
+    config printing, outputs under ``log_dir``; ``env`` adds variables (``None`` removes one). With
+    ``check``, a non-zero exit fails the test with the output's tail."""
+    cmd = [
+        sys.executable,
+        f"src/{script}.py",
+        *overrides,
+        "extras.print_config=false",
+        f"paths.log_dir={log_dir}",
+        f"paths.data_dir={data_dir}",
+    ]
+    merged = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", **env}
+    merged = {k: v for k, v in merged.items() if v is not None}
+    result = subprocess.run(cmd, cwd=ROOT, env=merged, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path, data_dir: Path) -> DictConfig:

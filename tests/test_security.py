@@ -25,7 +25,7 @@ import yaml
 from hydra.core.global_hydra import GlobalHydra
 
 import flatsophia.security as security
-from conftest import TINY, TINY_DEFAULT
+from conftest import TINY, TINY_DEFAULT, run_script
 from flatsophia.data.tinyshakespeare_datamodule import TINYSHAKESPEARE_SHA256, TinyShakespeareDataModule
 from flatsophia.security import (
     REDACTED,
@@ -146,17 +146,8 @@ def test_optimizer_kwargs_are_saved_plain(make_cfg):
 def test_cli_refuses_crafted_checkpoint(tmp_path, data_dir):
     """src/eval.py and a resume through src/train.py: refused with the global named; the payload never runs."""
     path, marker = crafted(tmp_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     for script in ("eval", "train"):
-        cmd = [
-            sys.executable,
-            f"src/{script}.py",
-            f"ckpt_path={path}",
-            "extras.print_config=false",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            f"paths.data_dir={data_dir}",
-        ]
-        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        result = run_script(script, f"ckpt_path={path}", log_dir=tmp_path / "logs", data_dir=data_dir, check=False)
         output = result.stdout + result.stderr
         assert result.returncode != 0, output[-3000:]
         assert "UntrustedCheckpointError" in output and PAYLOAD_GLOBAL in output and "ckpt_trusted=true" in output

@@ -7,15 +7,13 @@ and with the Optuna sweeper.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
 import pytest
 import yaml
 
+from conftest import TINY_DEFAULT, run_script
 from flatsophia.validation import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +21,7 @@ CONF = ROOT / "conf"
 
 #: The default data and model made tiny, two training batches, one validation batch.
 SHORT = [
-    "data.num_samples=1000",
-    "data.n_val=200",
-    "model.embed_dim=16",
-    "model.depth=1",
-    "model.num_heads=2",
+    *TINY_DEFAULT,
     "trainer.max_epochs=1",
     "trainer.num_sanity_val_steps=0",
     "++trainer.limit_train_batches=2",
@@ -40,19 +34,8 @@ SHORT = [
 
 def sweep(tmp_path: Path, data_dir: Path, *overrides: str) -> tuple[str, list[Path]]:
     """Run ``src/train.py -m <overrides>``; return its stdout and the job folders of the one sweep folder."""
-    cmd = [
-        sys.executable,
-        "src/train.py",
-        "-m",
-        *overrides,
-        "extras.print_config=false",
-        f"paths.log_dir={tmp_path}",
-        f"paths.data_dir={data_dir}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "offline"}
-    env.pop("WANDB_API_KEY", None)
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None}
+    result = run_script("train", "-m", *overrides, log_dir=tmp_path, data_dir=data_dir, timeout=600, **offline)
     (folder,) = [p for p in tmp_path.glob("*/multiruns/*") if p.is_dir()]
     return result.stdout, sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
 

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TINY_DEFAULT, run_script
 from flatsophia.optim import OPTIMIZERS
 from flatsophia.training import evaluate, train
 from flatsophia.utils import get_metric_value, metric_sweeper
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_DEFAULT = ["data.num_samples=1000", "data.n_val=200", "model.embed_dim=16", "model.depth=1", "model.num_heads=2"]
 
 #: One small member of each model family, on data it fits.
 FAMILIES = {
@@ -225,43 +220,15 @@ def test_eval_cli(make_cfg, data_dir):
     cfg = checkpoint_run(make_cfg, "test=false")
     train(cfg)
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    cmd = [
-        sys.executable,
-        "src/eval.py",
-        f"ckpt_path={last}",
-        *TINY_DEFAULT,
-        "extras.print_config=false",
-        f"paths.log_dir={cfg.paths.output_dir}",
-        f"paths.data_dir={data_dir}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("eval", f"ckpt_path={last}", *TINY_DEFAULT, log_dir=cfg.paths.output_dir, data_dir=data_dir)
     assert "Test metrics:" in result.stdout and "test/acc" in result.stdout
 
 
 @pytest.mark.slow
 def test_multirun_joblib(tmp_path, data_dir):
     """The CLI: a 2-job multirun with the joblib launcher writes one sweep folder with both jobs."""
-    cmd = [
-        sys.executable,
-        "src/train.py",
-        "-m",
-        "hydra/launcher=joblib",
-        "optimizer=adamw,sophia_g",
-        "debug=fast_dev_run",
-        "data.num_samples=1000",
-        "data.n_val=200",
-        "model.embed_dim=16",
-        "model.depth=1",
-        "model.num_heads=2",
-        "extras.print_config=false",
-        f"paths.log_dir={tmp_path}",
-        f"paths.data_dir={data_dir}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    over = ["-m", "hydra/launcher=joblib", "optimizer=adamw,sophia_g", "debug=fast_dev_run", *TINY_DEFAULT]
+    result = run_script("train", *over, log_dir=tmp_path, data_dir=data_dir)
     sweeps = list((tmp_path / "debug" / "multiruns").iterdir())
     assert len(sweeps) == 1, sweeps
     jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir())

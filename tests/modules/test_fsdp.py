@@ -9,9 +9,6 @@ spawned by the test with a launcher's environment (LOCAL_RANK, ...), which Light
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +17,7 @@ import torch
 from _helpers import ArgmaxGNBModule, InterleavedSampler, dataset, make_module, trainer
 
 from _spawn import spawn
+from conftest import run_script
 
 STEPS = 7  # every_k=3: refreshes at steps 0, 3 and 6
 #: (optimizer, hessian block, dtype): the finite difference is compared in float64, where the
@@ -125,10 +123,7 @@ def test_cli_trainer_fsdp_sim(tmp_path, data_dir):
     """``python src/train.py trainer=fsdp_sim``: Lightning re-runs the command for rank 1, the ViT1D's
     blocks and root are sharded, FlatSophia refreshes with the finite difference, checkpoints are
     written by torch.distributed.checkpoint and the best one is tested."""
-    root = Path(__file__).resolve().parents[2]
-    cmd = [
-        sys.executable,
-        "src/train.py",
+    over = [
         "trainer=fsdp_sim",
         "optimizer=flat_sophia",
         "hessian.hvp=finite_difference",
@@ -147,14 +142,9 @@ def test_cli_trainer_fsdp_sim(tmp_path, data_dir):
         "++trainer.limit_train_batches=5",
         "++trainer.limit_val_batches=2",
         "++trainer.limit_test_batches=2",
-        "extras.print_config=false",
         "logger=csv",
-        f"paths.log_dir={tmp_path}",
-        f"paths.data_dir={data_dir}",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = run_script("train", *over, log_dir=tmp_path, data_dir=data_dir)
     assert "Final metrics:" in result.stdout
     (ckpt,) = tmp_path.glob("train/runs/*/checkpoints/last.ckpt")
     assert ckpt.is_dir()  # a sharded checkpoint
