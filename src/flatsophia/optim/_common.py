@@ -8,7 +8,14 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from flatsophia.checks import check_betas, check_bool, check_int, check_nonneg, check_positive  # noqa: F401 (re-exported)
+from flatsophia.checks import (  # noqa: F401 (re-exported)
+    check_betas,
+    check_bool,
+    check_choice,
+    check_int,
+    check_nonneg,
+    check_positive,
+)
 from flatsophia.sharding import all_reduce_sum, local
 
 

@@ -16,7 +16,7 @@ import torch
 from flatsophia.sharding import all_reduce_sum, local, local_shard, shard_group, wrap_like
 
 from ._base import _global_sums, _SophiaBase
-from ._common import check_int, check_nonneg
+from ._common import check_choice, check_int, check_nonneg
 from .sophia_h import SophiaH
 
 __all__ = [
@@ -123,10 +123,7 @@ class FlatSophia(SophiaH):
                 f"Invalid dampening_factor: {damp!r} (expected an integer in [1, 127]; the mask is stored as int8)"
             )
         options["dampening_factor"] = int(damp)
-        if options["mask_source"] not in MASK_SOURCES:
-            raise ValueError(
-                f"Invalid mask_source: {options['mask_source']!r} (expected one of {', '.join(MASK_SOURCES)})"
-            )
+        check_choice("mask_source", options["mask_source"], MASK_SOURCES)
         check_int("mask_seed", options["mask_seed"], 0)
         groups = getattr(self, "param_groups", None)
         if groups:  # an added group: the mask is global, its options must agree with the first group's
