@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 ARGS ?=
 
-.PHONY: install train test bench lint clean
+.PHONY: install train test bench gpu-check lint clean
 
 # The marker is rebuilt when pyproject.toml changes. torch and torchvision are pinned as a pair
 # (another torch with PyPI's torchvision breaks `import timm`).
@@ -31,6 +31,10 @@ test: install
 ## bench: optimizer benchmark (python -m flatsophia.bench; ARGS="--help" for options, docs/performance.md)
 bench: install
 	$(PY) -m flatsophia.bench $(ARGS)
+
+## gpu-check: the GPU acceptance run on one CUDA GPU (CUDA tests, bf16 runs, CUDA benchmark)
+gpu-check: install
+	PY=$(PY) bash scripts/gpu_check.sh
 
 ## lint: ruff over the sources and tests
 lint: install

@@ -1,4 +1,5 @@
-"""The README's first two commands are `make train` and `make test`, and .ci/run installs what they do.
+"""The README's first two commands are `make train` and `make test`, and .ci/run and the conda
+environment (environment.yaml) install what they do.
 
 The Makefile is checked through `make -n` (its own parser prints the commands it would run), not by
 reading its text.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,12 +50,41 @@ def test_make_train_and_test_run_the_entry_points_after_installing():
 
 
 def test_ci_installs_exactly_what_make_install_does_then_runs_make_test():
-    make_installs = [
-        c.split("/bin/pip ", 1)[1] for c in make_dry_run("install", "VENV=.venv") if "/bin/pip install" in c
-    ]
+    make_installs = make_install_args()
     ci = (ROOT / ".ci" / "run").read_text()
     ci_installs = [m.group(1) for m in re.finditer(r'"\$VENV/bin/pip" (install .*)$', ci, flags=re.M)]
     assert make_installs == ci_installs
     assert make_installs[0] == "install torch==2.14.1 torchvision==0.29.1"
     assert re.search(r"^make test\b", ci, flags=re.M), ".ci/run must run the README's `make test`"
     assert (ROOT / ".ci" / "run").stat().st_mode & 0o111, ".ci/run must be executable"
+
+
+def make_install_args() -> list[str]:
+    """The arguments of each ``pip install`` that ``make install`` runs, in order."""
+    return [c.split("/bin/pip ", 1)[1] for c in make_dry_run("install", "VENV=.venv") if "/bin/pip install" in c]
+
+
+def test_conda_environment_installs_what_make_install_does():
+    import yaml
+    from packaging.specifiers import SpecifierSet
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    env = yaml.safe_load((ROOT / "environment.yaml").read_text())
+    deps = env["dependencies"]
+    pip = next(d["pip"] for d in deps if isinstance(d, dict) and "pip" in d)
+    # conda hands its pip list to one `pip install -r`: the same requirements as make's installs together
+    make_reqs = [tok for args in make_install_args() for tok in shlex.split(args)[1:]]
+    conda_reqs = [tok for line in pip for tok in shlex.split(line)]
+    assert conda_reqs == make_reqs
+    assert "pip" in deps
+
+    python = [d.split("=", 1)[1] for d in deps if isinstance(d, str) and d.startswith("python=")]
+    assert len(python) == 1, "environment.yaml pins one Python version"
+    allowed = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert allowed.contains(python[0] + ".0"), f"python={python[0]} is outside requires-python {allowed}"
+    if os.environ.get("CI"):  # CI builds .venv from the machine's python3: the conda pin must be that version
+        assert python[0] == f"{sys.version_info.major}.{sys.version_info.minor}"
