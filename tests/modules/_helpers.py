@@ -115,8 +115,9 @@ def max_abs_diff(a: dict, b: dict) -> float:
 class ArgmaxGNB(GaussNewtonBartlett):
     """GNB with deterministic labels (argmax), so 2x4 and 1x8 batch layouts see the same labels.
 
-    Sampled labels are drawn per rank and differ from a single process's draw over the global batch;
-    with argmax labels the estimate is a deterministic mean over examples and must match exactly.
+    Sampled labels equal a single process's draw over the ranks' batches concatenated in rank order
+    (tests/hessian/test_gnb_ranks.py); these tests lay the global batch out interleaved (rank r reads
+    examples r, r + 2, ...), so labels are made deterministic: the estimate is then a mean over examples.
     """
 
     def sample_labels(self, probs):
