@@ -152,3 +152,21 @@ class InterleavedSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.n // self._layout()[1]
+
+
+class BlockSampler(InterleavedSampler):
+    """Rank r reads the r-th block of ``batch`` examples of each global batch of ``batch x world``:
+    the global batch is the ranks' batches concatenated in rank order (the single process reads all)."""
+
+    def __init__(self, n: int, batch: int):
+        super().__init__(n)
+        self.batch = batch
+
+    def __iter__(self):
+        rank, world = self._layout()
+        step = self.batch * world
+        return iter(
+            i
+            for start in range(0, self.n, step)
+            for i in range(start + rank * self.batch, start + (rank + 1) * self.batch)
+        )
