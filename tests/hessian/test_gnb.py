@@ -206,3 +206,89 @@ def test_from_loss_shares_the_training_forward(masked):
     assert torch.equal(separate_est.generator("cpu").get_state(), fused_est.generator("cpu").get_state())
     with pytest.raises(ValueError, match="needs the logits"):
         fused_est.from_loss(F.cross_entropy(model(x), y), params)
+
+
+def _exact_inverse_cdf(row: list[float], u: float) -> int:
+    """The class k with cdf[k-1] <= u * total < cdf[k], in exact rational arithmetic."""
+    from fractions import Fraction
+
+    weights = [Fraction(w) for w in row]
+    target, cdf = Fraction(u) * sum(weights), Fraction(0)
+    for k, w in enumerate(weights):
+        cdf += w
+        if target < cdf:
+            return k
+    raise AssertionError("u * total >= total")
+
+
+def test_inverse_cdf_is_exact_at_the_edges():
+    """Dyadic weights (exact in float64) with zeros first, inside and last, rows that do not sum to
+    one, and u on every boundary, between them, at 0 and just below 1: the exact rational answer."""
+    from flatsophia.hessian.gnb import inverse_cdf
+
+    rows = [
+        [0.0, 0.5, 0.0, 0.25, 0.25, 0.0],
+        [0.0, 0.0, 0.125, 0.0, 0.375, 0.0],  # sums to 1/2
+        [0.25, 0.25, 0.5, 0.25, 0.0, 0.0],  # sums to 5/4
+        [0.0, 0.0, 0.0, 0.0, 0.0, 1.0],
+        [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+    ]
+    us = [k / 64 for k in range(64)] + [1 - 2**-53, 2**-60]
+    probs = torch.tensor([r for r in rows for _ in us], dtype=torch.float32)
+    u = torch.tensor(us * len(rows), dtype=F64)
+    labels = inverse_cdf(probs, u)
+    expected = torch.tensor([_exact_inverse_cdf(r, x) for r in rows for x in us])
+    assert torch.equal(labels, expected)
+    assert (probs[torch.arange(len(labels)), labels] > 0).all()
+    near_one = labels.view(len(rows), -1)[:, -2]
+    assert near_one.tolist() == [4, 4, 3, 5, 0]  # the last class of positive weight
+
+
+def test_zero_weight_never_drawn_when_the_scan_rounds(monkeypatch):
+    """A GPU's parallel scan may round cdf[k] above (or below) cdf[k-1] where the weight is zero.
+    Simulated here (+-1e-9 alternating): a u inside every such sliver still draws a positive class."""
+    from flatsophia.hessian import gnb
+
+    row = torch.tensor([0.0, 0.25, 0.0, 0.0, 0.25, 0.0, 0.25, 0.0, 0.0, 0.25], dtype=F64)
+    wobble = 1e-9 * (-1.0) ** torch.arange(row.numel(), dtype=F64)
+    exact_cumsum = torch.cumsum
+    monkeypatch.setattr(torch, "cumsum", lambda t, dim: exact_cumsum(t, dim=dim) + wobble)
+    rounded = exact_cumsum(row, dim=0) + wobble
+    slivers = [k for k in range(1, row.numel()) if row[k] == 0 and rounded[k] > rounded[k - 1]]
+    assert len(slivers) >= 2
+    total = rounded[row > 0].max()
+    u = torch.stack([(rounded[k] + rounded[k - 1]) / 2 / total for k in slivers])
+    labels = gnb.inverse_cdf(row.repeat(len(slivers), 1), u)
+    assert (row[labels] > 0).all(), labels
+
+
+def test_chunks_draw_as_one(monkeypatch):
+    from flatsophia.hessian import gnb
+
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(50, 7, generator=g), -1)
+    u = torch.rand(50, generator=g, dtype=F64)
+    whole = gnb.inverse_cdf(probs, u)
+    monkeypatch.setattr(gnb, "_CHUNK", 3 * 7 + 2)  # 3 rows a chunk, the last one shorter
+    assert torch.equal(gnb.inverse_cdf(probs, u), whole)
+
+
+def test_nan_logits_skip_the_refresh_instead_of_failing():
+    """A NaN in the forward gives a non-finite estimate, which the optimizer rejects (skipped), not an
+    error from the sampler (torch.multinomial raises on NaN probabilities)."""
+    import warnings
+
+    from flatsophia.hessian import HessianRefresher
+    from flatsophia.optim import SophiaG
+
+    torch.manual_seed(5)
+    model = nn.Linear(6, 4)
+    x = torch.randn(8, 6)
+    x[3, 0] = float("nan")
+    refresher = HessianRefresher(SophiaG(model.parameters()), every_k=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ghat = refresher.estimate(lambda: model(x), None)
+        refresher.apply(ghat)
+    assert not torch.isfinite(ghat[0]).all()
+    assert (refresher.refreshes, refresher.skipped) == (0, 1)

@@ -31,7 +31,8 @@ OPTS = {
 
 
 class ArgmaxGNB(GaussNewtonBartlett):
-    """Deterministic labels, so 2 x 4 and 1 x 8 batch layouts see the same ones (as the DDP tests)."""
+    """Deterministic labels: here rank r reads rows r, r + 2, ..., not the rows sampled labels are
+    matched with (the ranks' rows concatenated, tests/hessian/test_gnb_ranks.py)."""
 
     def sample_labels(self, probs):
         return probs.argmax(dim=-1)

@@ -115,8 +115,9 @@ def max_abs_diff(a: dict, b: dict) -> float:
 class ArgmaxGNB(GaussNewtonBartlett):
     """GNB with deterministic labels (argmax), so 2x4 and 1x8 batch layouts see the same labels.
 
-    Sampled labels are drawn per rank and differ from a single process's draw over the global batch;
-    with argmax labels the estimate is a deterministic mean over examples and must match exactly.
+    Sampled labels equal a single process's draw over the ranks' batches concatenated in rank order
+    (tests/hessian/test_gnb_ranks.py); these tests lay the global batch out interleaved (rank r reads
+    examples r, r + 2, ...), so labels are made deterministic: the estimate is then a mean over examples.
     """
 
     def sample_labels(self, probs):
@@ -151,3 +152,21 @@ class InterleavedSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.n // self._layout()[1]
+
+
+class BlockSampler(InterleavedSampler):
+    """Rank r reads the r-th block of ``batch`` examples of each global batch of ``batch x world``:
+    the global batch is the ranks' batches concatenated in rank order (the single process reads all)."""
+
+    def __init__(self, n: int, batch: int):
+        super().__init__(n)
+        self.batch = batch
+
+    def __iter__(self):
+        rank, world = self._layout()
+        step = self.batch * world
+        return iter(
+            i
+            for start in range(0, self.n, step)
+            for i in range(start + rank * self.batch, start + (rank + 1) * self.batch)
+        )

@@ -6,10 +6,13 @@ Runs ``ddp_spawn`` with 2 CPU processes (gloo). Each rank dumps its state at the
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from _helpers import (
     ArgmaxGNBModule,
+    BlockSampler,
     DumpState,
     InterleavedSampler,
     dataset,
@@ -24,7 +27,16 @@ from flatsophia.optim import OPTIMIZERS
 STEPS = 7  # with every_k=3 the Hessian is refreshed at steps 0, 3 and 6
 
 
-def _run(tmp_path, name, devices, batch_size, module_cls=None, dtype=torch.float32, **module_kwargs):
+def _run(
+    tmp_path,
+    name,
+    devices,
+    batch_size,
+    module_cls=None,
+    dtype=torch.float32,
+    sampler=InterleavedSampler,
+    **module_kwargs,
+):
     tmp_path.mkdir(parents=True, exist_ok=True)
     module = make_module(name, dtype=dtype, **module_kwargs)
     if module_cls is not None:
@@ -38,9 +50,7 @@ def _run(tmp_path, name, devices, batch_size, module_cls=None, dtype=torch.float
         max_steps=STEPS,
         use_distributed_sampler=False,
     )
-    data = torch.utils.data.DataLoader(
-        dataset(n=64, dtype=dtype), batch_size=batch_size, sampler=InterleavedSampler(64)
-    )
+    data = torch.utils.data.DataLoader(dataset(n=64, dtype=dtype), batch_size=batch_size, sampler=sampler(64))
     t.fit(module, data)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(devices)]
 
@@ -91,3 +101,23 @@ def test_finite_difference_refresh_ranks_identical_and_match_single_process(tmp_
     (single,) = _run(tmp_path / "single", name, devices=1, batch_size=8, dtype=dtype, hessian=hessian)
     diff = max((r0["params"][k] - single["params"][k]).abs().max().item() for k in r0["params"])
     assert diff < 1e-6, f"{name}: DDP vs single-process max |param diff| = {diff:.3g}"
+
+
+@pytest.mark.slow
+def test_sophia_g_sampled_labels_on_two_ranks_match_single_process(tmp_path):
+    """The module's own sampled-label estimator under ddp_spawn (it finds Lightning's process group):
+    the ranks draw the labels of one process over their batches concatenated in rank order, so with
+    that layout (rank r reads the r-th 4 of each 8) the run equals one process's over batches of 8."""
+    blocks = functools.partial(BlockSampler, batch=4)
+    r0, r1 = _run(tmp_path / "ddp", "sophia_g", devices=2, batch_size=4, sampler=blocks)
+    assert r0["refreshes"] == r1["refreshes"] == 3
+    (single,) = _run(tmp_path / "single", "sophia_g", devices=1, batch_size=8, sampler=blocks)
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+        diff = (r0["params"][key] - single["params"][key]).abs().max().item()
+        assert diff < 1e-5, f"DDP vs single-process max |param diff| = {diff:.3g} ({key})"
+    hessians = [v for k, v in flatten_state(r0["optim"]).items() if k.endswith("/hessian")]
+    single_hessians = [v for k, v in flatten_state(single["optim"]).items() if k.endswith("/hessian")]
+    assert len(hessians) == 4
+    for h, s in zip(hessians, single_hessians, strict=True):
+        torch.testing.assert_close(h, s, rtol=1e-4, atol=1e-9)

@@ -1,4 +1,4 @@
-"""Shared pieces of the Hessian estimators: seeded per-device generators, a factory, and the
+"""Shared pieces of the Hessian estimators: seeded per-device-type generators, a factory, and the
 global-RNG and buffer guards an extra forward pass needs to leave no trace."""
 
 from __future__ import annotations
@@ -102,7 +102,12 @@ def grads_set_aside(params: Sequence[torch.Tensor], module: torch.nn.Module | No
 
 
 class HessianEstimator:
-    """Base class: owns one seeded ``torch.Generator`` per device, saved in ``state_dict()``.
+    """Base class: owns one seeded ``torch.Generator`` per device type, saved in ``state_dict()``.
+
+    Generators are keyed by device *type* (``"cpu"``, ``"cuda"``, ...), not by device index: the
+    process of rank ``r`` draws on ``cuda:r``, and a checkpoint written by rank 0 resumes every rank.
+    A generator is created on the first device of its type that asks for one (draws for another
+    index of that type use the same stream). States load on any machine: see :meth:`load_state_dict`.
 
     Subclasses implement ``__call__(forward, loss_fn, params) -> list[Tensor | None]``.
     """
@@ -115,30 +120,69 @@ class HessianEstimator:
             raise ValueError(f"Invalid seed: {seed!r} (expected an integer)")
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
+        #: loaded states of device types not used yet (set on first use, re-emitted until then)
+        self._pending: dict[str, torch.Tensor] = {}
 
     def generator(self, device: torch.device | str) -> torch.Generator:
-        """The generator for ``device``, created (seeded from ``seed`` and the device) on first use."""
-        key = str(torch.device(device))
-        if key not in self._generators:
-            g = torch.Generator(device=key)
-            g.manual_seed(self.seed)
-            self._generators[key] = g
-        return self._generators[key]
+        """The generator for ``device``'s type, created on first use: from a loaded state of that
+        type if :meth:`load_state_dict` had one, else seeded with ``seed``."""
+        device = torch.device(device)
+        if device.type not in self._generators:
+            g = torch.Generator(device=device)
+            pending = self._pending.pop(device.type, None)
+            if pending is None:
+                g.manual_seed(self.seed)
+            else:
+                g.set_state(pending)
+            self._generators[device.type] = g
+        return self._generators[device.type]
 
     def state_dict(self) -> dict:
+        """``{"name", "seed", "generators": {device type: ByteTensor state}}`` (CPU tensors only)."""
         return {
             "name": self.name,
             "seed": self.seed,
-            "generators": {k: g.get_state() for k, g in self._generators.items()},
+            "generators": {**self._pending, **{k: g.get_state() for k, g in self._generators.items()}},
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`, on any machine.
+
+        Each generator state applies to its device type, whatever the index it was saved under
+        (checkpoints that keyed them by device, ``"cuda:0"``, load too; of several indices of one
+        type the lowest is kept). A state is set when its device type is first used; until then,
+        e.g. a ``"cuda"`` state loaded on a machine without CUDA, it is kept as it is and written
+        back by :meth:`state_dict`, so the checkpoint round-trips. A device type without a saved
+        state starts from ``seed``: resuming a CPU run on a GPU continues with a fresh CUDA stream.
+        Every state is checked before anything changes (``ValueError`` naming the bad entry).
+        """
         if state.get("name") != self.name:
             raise ValueError(f"Cannot load a {state.get('name')!r} estimator state into a {self.name!r} estimator")
-        self.seed = state["seed"]
+        seed, generators = state.get("seed"), state.get("generators")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"Invalid estimator state: seed={seed!r} (expected an integer)")
+        if not isinstance(generators, dict):
+            raise ValueError(f"Invalid estimator state: generators={generators!r} (expected a dict of device -> state)")
+        by_type: dict[str, tuple[int, torch.Tensor]] = {}
+        for key, rng_state in generators.items():
+            device = _parse_device(key)
+            if not (isinstance(rng_state, torch.Tensor) and rng_state.dtype == torch.uint8 and rng_state.ndim == 1):
+                raise ValueError(
+                    f"Invalid estimator state for device {key!r}: expected a 1-D uint8 tensor "
+                    f"(Generator.get_state()), got {getattr(rng_state, 'dtype', type(rng_state).__name__)}"
+                )
+            rng_state = rng_state.detach().cpu()
+            if device.type == "cpu":
+                try:
+                    torch.Generator().set_state(rng_state)
+                except RuntimeError as err:
+                    raise ValueError(f"Invalid estimator state for device {key!r}: {err}") from err
+            index = device.index if device.index is not None else -1
+            if device.type not in by_type or index < by_type[device.type][0]:
+                by_type[device.type] = (index, rng_state)
+        self.seed = seed
         self._generators = {}
-        for key, rng_state in state["generators"].items():
-            self.generator(key).set_state(rng_state)
+        self._pending = {kind: rng_state.clone() for kind, (_, rng_state) in by_type.items()}
 
     def __call__(
         self,
@@ -147,6 +191,15 @@ class HessianEstimator:
         params: Sequence[torch.Tensor],
     ) -> list[torch.Tensor | None]:
         raise NotImplementedError
+
+
+def _parse_device(key) -> torch.device:
+    try:
+        return torch.device(key)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"Invalid estimator state: generator key {key!r} is not a device (expected e.g. 'cpu', 'cuda')"
+        ) from err
 
 
 def build_estimator(name: str, **kwargs) -> HessianEstimator | None:

@@ -31,9 +31,28 @@ class GaussNewtonBartlett(HessianEstimator):
     ``backward()`` instead of ``torch.autograd.grad`` (which cannot reach sharded parameters): FSDP's
     reduce-scatter averages it across ranks, as for the training gradient, and the training
     gradient in ``.grad`` is set aside and put back (:func:`~flatsophia.hessian.base.grads_set_aside`).
+
+    Data-parallel ranks: labels are sampled for the global batch, the ranks' rows (positions of
+    ``logits.shape[:-1]``, flattened) concatenated in rank order. Every rank draws one uniform per
+    global row from the shared stream (the same seed and state on every rank) and keeps its own
+    slice, so labels are independent across rows and ranks, the generators stay identical on every
+    rank (one rank's checkpoint resumes all), and N ranks averaging their estimates (DDP's
+    ``reduce``, FSDP's reduce-scatter) get the labels, hence the estimate, of one process over the
+    concatenated batch (equal row counts; with unequal counts each rank's mean is weighted alike,
+    as DDP weights the training loss). The ranks learn their row offsets with one all-gather of row
+    counts per call, so every rank of the group must call the estimator together.
+
+    Args:
+        seed: seed of the generator (one per device type, saved in :meth:`state_dict`).
+        process_group: the data-parallel ranks that share one global batch: ``None`` for the default
+            ``torch.distributed`` group when it is initialized (a single process otherwise).
     """
 
     name = "gnb"
+
+    def __init__(self, seed: int = 0, *, process_group=None):
+        super().__init__(seed)
+        self.process_group = process_group
 
     def __call__(
         self,
@@ -123,5 +142,55 @@ class GaussNewtonBartlett(HessianEstimator):
         return total / valid.sum().clamp(min=1)
 
     def sample_labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """One label per row of ``probs`` (N, C), drawn from this estimator's generator."""
-        return torch.multinomial(probs, 1, generator=self.generator(probs.device)).squeeze(-1)
+        """One label per row of ``probs`` (N, C), by inverse CDF of one uniform per row.
+
+        The uniforms are this process's slice of those of the global batch (see the class
+        docstring), drawn from this estimator's generator in float64.
+        """
+        offset, total = global_rows(probs.shape[0], probs.device, self.process_group)
+        g = self.generator(probs.device)
+        u = torch.rand(total, generator=g, device=g.device, dtype=torch.float64)
+        return inverse_cdf(probs, u[offset : offset + probs.shape[0]].to(probs.device))
+
+
+#: elements of ``probs`` handled at once by :func:`inverse_cdf` (its float64 temporaries: ~5x 8 bytes each)
+_CHUNK = 1 << 22
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row ``i``'s label: the class ``k`` with ``cdf[k-1] <= u[i] * cdf[C-1] < cdf[k]``.
+
+    ``probs`` (N, C): non-negative weights per row (not necessarily summing to one); ``u`` (N,):
+    uniforms in ``[0, 1)``. The cumulative sums are taken in float64 and scaled by their total, so
+    the rounding of ``probs`` does not bias the draw, and ``u[i] * total < total``: a ``u`` close to
+    1 draws the last class of positive weight. A class of weight zero is never drawn, however the
+    sum was rounded (a parallel scan, on a GPU, may round ``cdf[k]`` above ``cdf[k-1]`` although
+    ``probs[k] == 0``, or below it): its cumulative value is set to the largest before it, which
+    also makes the sums non-decreasing. Rows with NaN get some class in ``[0, C)`` (their loss is
+    NaN anyway). Processed in chunks of rows, to bound the float64 temporaries.
+    """
+    n, c = probs.shape
+    out = torch.empty(n, dtype=torch.long, device=probs.device)
+    rows = max(1, _CHUNK // max(c, 1))
+    for start in range(0, n, rows):
+        p = probs[start : start + rows].double()
+        cdf = torch.where(p > 0, torch.cumsum(p, dim=-1), float("-inf")).cummax(dim=-1).values
+        target = u[start : start + rows, None].double() * cdf[:, -1:]
+        out[start : start + rows] = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=c - 1)
+    return out
+
+
+def global_rows(n: int, device: torch.device, group=None) -> tuple[int, int]:
+    """``(offset, total)``: where this process's ``n`` rows start in the global batch (the rows of
+    the ranks of ``group``, default: the default process group, concatenated in rank order), and
+    how many rows it has. ``(0, n)`` without an initialized ``torch.distributed``; otherwise one
+    all-gather of the row counts (on the CPU with gloo, else on ``device``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0, n
+    if "gloo" in str(dist.get_backend(group)):
+        device = torch.device("cpu")
+    counts = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=device), group=group)
+    counts = [int(c) for c in counts]
+    return sum(counts[: dist.get_rank(group)]), sum(counts)

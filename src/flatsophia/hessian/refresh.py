@@ -425,10 +425,14 @@ class HessianRefresher:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore :meth:`state_dict` (the estimator's generators, the schedule's stream, the counters)."""
+        """Restore :meth:`state_dict` (the estimator's generators, the schedule's stream, the counters).
+
+        Loads on any machine, whatever device the state was saved on or mapped to by ``torch.load``
+        (see :meth:`HessianEstimator.load_state_dict <flatsophia.hessian.base.HessianEstimator.load_state_dict>`).
+        """
         if state.get("estimator") is not None and self.estimator is not None:
             self.estimator.load_state_dict(state["estimator"])
-        self.rng.set_state(state["schedule_rng"])
+        self.rng.set_state(state["schedule_rng"].cpu())  # a CPU generator's state, wherever it was mapped
         self.refreshes = int(state["refreshes"])
         self.skipped = int(state["skipped"])
 
