@@ -56,3 +56,23 @@ def test_ci_installs_exactly_what_make_install_does_then_runs_make_test():
     assert make_installs[0] == "install torch==2.14.1 torchvision==0.29.1"
     assert re.search(r"^make test\b", ci, flags=re.M), ".ci/run must run the README's `make test`"
     assert (ROOT / ".ci" / "run").stat().st_mode & 0o111, ".ci/run must be executable"
+
+
+def test_ci_runs_the_library_tests_on_the_oldest_torch_pyproject_allows():
+    """`make test-lib`: a second environment with the torch that pyproject's floor names and flatsophia
+    without the template's extras, running the library's tests; .ci/run runs it after `make test`."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    cmds = make_dry_run("test-lib", "LIB_VENV=/nonexistent/lib")
+    installs = [c.split("/bin/pip ", 1)[1] for c in cmds if c.startswith("/nonexistent/lib/bin/pip install")]
+    assert installs[1:] == ['install -e ".[test-lib]"']
+    (torch_pin,) = re.fullmatch(r"install torch==([\d.]+)", installs[0]).groups()
+    (floor,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = Requirement(floor).specifier
+    assert Requirement(floor).name == "torch" and spec.operator == ">=" and Version(spec.version) == Version(torch_pin)
+    assert cmds[-1].startswith("/nonexistent/lib/bin/python -m pytest --library")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("\nmake test-lib") > ci.index("\nmake test ")

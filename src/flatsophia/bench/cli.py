@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -134,7 +134,7 @@ def _meta(a, command: str, workload, device: torch.device) -> dict:
     commit = _git("rev-parse", "HEAD")
     return dict(
         command=command,
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         git_commit=commit,
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
         torch=torch.__version__,
