@@ -18,7 +18,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from flatsophia.commandline import shown_command
 
 from .report import markdown
 from .sections import SECTIONS, Context
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    command = shlex.join(sys.orig_argv) if argv is None else shlex.join(["python", "-m", "flatsophia.bench", *argv])
+    command = recorded_command(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is not None:
@@ -128,6 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     if not a.quiet:
         print("\n" + markdown(res))
     return res
+
+
+def recorded_command(argv: list[str] | None) -> str:
+    """The command line the results record: as typed in the working directory (the project root),
+    ``python -m flatsophia.bench ...`` with paths inside it relative, so it reruns on any checkout."""
+    return shown_command(sys.orig_argv if argv is None else ["python", "-m", "flatsophia.bench", *argv])
 
 
 def _meta(a, command: str, workload, device: torch.device) -> dict:
