@@ -5,9 +5,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# The library's own environment: the oldest torch pyproject allows, flatsophia without the template's
+# extras, and the library tests' tools (the `test-lib` extra).
+LIB_VENV ?= .venv-lib
+LIB_TORCH := torch==2.13.0
 ARGS ?=
 
-.PHONY: install train test bench gpu-check lint clean
+.PHONY: install train test test-lib bench gpu-check lint clean
 
 # The marker is rebuilt when pyproject.toml changes. torch and torchvision are pinned as a pair
 # (another torch with PyPI's torchvision breaks `import timm`).
@@ -27,6 +31,16 @@ train: install
 test: install
 	@$(PY) -m pytest -n 2 -q $(ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; exit 0; fi; exit $$rc
+
+$(LIB_VENV)/.installed: pyproject.toml
+	test -x $(LIB_VENV)/bin/python || python3 -m venv $(LIB_VENV)
+	$(LIB_VENV)/bin/pip install $(LIB_TORCH)
+	$(LIB_VENV)/bin/pip install -e ".[test-lib]"
+	touch $@
+
+## test-lib: the optimizer library's tests (pytest --library) in $(LIB_VENV): the oldest torch allowed, no template extras
+test-lib: $(LIB_VENV)/.installed
+	$(LIB_VENV)/bin/python -m pytest --library -n 2 -q $(ARGS)
 
 ## bench: optimizer benchmark (python -m flatsophia.bench; ARGS="--help" for options, docs/performance.md)
 bench: install

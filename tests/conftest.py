@@ -13,24 +13,38 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-def _missing_requirements(extras: tuple[str, ...] = ("template", "test")) -> list[str]:
-    """The requirements of flatsophia's ``extras`` (read from its installed metadata, i.e. pyproject)
-    that are absent or at a version the requirement excludes."""
+
+def _missing_requirements(extras: tuple[str, ...]) -> list[str]:
+    """The requirements of flatsophia's ``extras`` (read from its installed metadata, i.e. pyproject;
+    an extra that names ``flatsophia[other]`` includes ``other``'s) that are absent or at a version the
+    requirement excludes."""
     from importlib import metadata
 
     from packaging.requirements import Requirement
 
     try:
-        requirements = metadata.requires("flatsophia") or []
+        requirements = [Requirement(r) for r in metadata.requires("flatsophia") or []]
     except metadata.PackageNotFoundError:
         return ["flatsophia itself"]
+
+    def wanted(req: Requirement, among: set[str]) -> bool:
+        return req.marker is not None and any(req.marker.evaluate({"extra": extra}) for extra in among)
+
+    wanted_extras, grown = set(extras), True
+    while grown:
+        included = {e for r in requirements if r.name == "flatsophia" and wanted(r, wanted_extras) for e in r.extras}
+        grown = not included <= wanted_extras
+        wanted_extras |= included
     missing = []
-    for req in map(Requirement, requirements):
-        if req.marker is None or not any(req.marker.evaluate({"extra": extra}) for extra in extras):
+    for req in requirements:
+        if req.name == "flatsophia" or not wanted(req, wanted_extras):
             continue
         try:
             version = metadata.version(req.name)
@@ -42,20 +56,57 @@ def _missing_requirements(extras: tuple[str, ...] = ("template", "test")) -> lis
     return missing
 
 
-# The suite needs everything `make test` installs; a missing package is an error here, not a skipped test.
-if _missing := _missing_requirements():
-    raise pytest.UsageError(
-        f"the tests need flatsophia's template and test extras; missing: {', '.join(_missing)}. "
-        "Run `make test` (it installs them), or pip install -e '.[template,test]'."
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+CONF_DIR = ROOT / "conf"
+
+#: The optimizer library's tests (folders and files under tests/): they need torch and the `test-lib`
+#: extra only. ``pytest --library`` (``make test-lib``) collects only these, in an environment without
+#: the template's extras, on the oldest torch that pyproject allows.
+LIBRARY_TESTS = ("optim", "hessian", "test_packaging.py")
+#: Files in those folders that use the template's stack: timm's ViT and the template's GPT, the toy
+#: problem's plots (matplotlib). The full suite runs them.
+TEMPLATE_USERS = ("hessian/test_finite_difference.py", "optim/test_toy2d.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--library",
+        action="store_true",
+        help="run only the optimizer library's tests (conftest.LIBRARY_TESTS); they need torch and "
+        "flatsophia's test-lib extra, not the template's extras",
     )
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig, open_dict  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
+def pytest_configure(config: pytest.Config) -> None:
+    # A missing package is an error here, not a skipped test: the full suite needs everything
+    # `make test` installs, the library's tests what `make test-lib` installs.
+    library = config.getoption("library")
+    if _missing := _missing_requirements(("test-lib",) if library else ("template", "test")):
+        raise pytest.UsageError(
+            f"missing: {', '.join(_missing)}. "
+            + (
+                "The library's tests need flatsophia's test-lib extra: run `make test-lib`, or "
+                "pip install -e '.[test-lib]'."
+                if library
+                else "The tests need flatsophia's template and test extras: run `make test` (it installs "
+                "them), or pip install -e '.[template,test]' (`pytest --library` runs the library's tests "
+                "without them)."
+            )
+        )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``--library``, everything outside :data:`LIBRARY_TESTS` and in :data:`TEMPLATE_USERS`."""
+    if not config.getoption("library") or collection_path == TESTS:
+        return None
+    try:
+        rel = collection_path.relative_to(TESTS).as_posix()
+    except ValueError:
+        return None
+    inside = any(rel == t or rel.startswith(t + "/") for t in LIBRARY_TESTS)
+    return None if inside and rel not in TEMPLATE_USERS else True
+
 
 #: Overrides that make any training run tiny: few small batches, no loggers or callbacks.
 TINY = [
@@ -107,7 +158,13 @@ def run_script(
 
 def compose_config(config_name: str, overrides: Sequence[str], output_dir: Path, data_dir: Path) -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` with ``overrides`` and test paths (Hydra runtime set)."""
-    from flatsophia.utils.resolvers import register_resolvers  # imported here: keeps collection light
+    # Imported here: keeps collection light, and the library's tests (`--library`) run without Hydra.
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from flatsophia.utils.resolvers import register_resolvers
 
     register_resolvers()
     GlobalHydra.instance().clear()

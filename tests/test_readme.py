@@ -68,10 +68,7 @@ def test_conda_environment_installs_what_make_install_does():
     import yaml
     from packaging.specifiers import SpecifierSet
 
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
 
     env = yaml.safe_load((ROOT / "environment.yaml").read_text())
     deps = env["dependencies"]
@@ -88,3 +85,23 @@ def test_conda_environment_installs_what_make_install_does():
     assert allowed.contains(python[0] + ".0"), f"python={python[0]} is outside requires-python {allowed}"
     if os.environ.get("CI"):  # CI builds .venv from the machine's python3: the conda pin must be that version
         assert python[0] == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_ci_runs_the_library_tests_on_the_oldest_torch_pyproject_allows():
+    """`make test-lib`: a second environment with the torch that pyproject's floor names and flatsophia
+    without the template's extras, running the library's tests; .ci/run runs it after `make test`."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    cmds = make_dry_run("test-lib", "LIB_VENV=/nonexistent/lib")
+    installs = [c.split("/bin/pip ", 1)[1] for c in cmds if c.startswith("/nonexistent/lib/bin/pip install")]
+    assert installs[1:] == ['install -e ".[test-lib]"']
+    (torch_pin,) = re.fullmatch(r"install torch==([\d.]+)", installs[0]).groups()
+    (floor,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = Requirement(floor).specifier
+    assert Requirement(floor).name == "torch" and spec.operator == ">=" and Version(spec.version) == Version(torch_pin)
+    assert cmds[-1].startswith("/nonexistent/lib/bin/python -m pytest --library")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.index("\nmake test-lib") > ci.index("\nmake test ")

@@ -18,14 +18,15 @@ import json
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+
+from flatsophia.commandline import shown_command
 
 from .report import markdown
 from .sections import SECTIONS, Context
@@ -92,7 +93,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    command = shlex.join(sys.orig_argv) if argv is None else shlex.join(["python", "-m", "flatsophia.bench", *argv])
+    command = recorded_command(argv)
     torch.set_num_threads(a.threads)
     device = torch.device(a.device)
     if device.type == "cuda" and device.index is not None:
@@ -130,11 +131,17 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def recorded_command(argv: list[str] | None) -> str:
+    """The command line the results record: as typed in the working directory (the project root),
+    ``python -m flatsophia.bench ...`` with paths inside it relative, so it reruns on any checkout."""
+    return shown_command(sys.orig_argv if argv is None else ["python", "-m", "flatsophia.bench", *argv])
+
+
 def _meta(a, command: str, workload, device: torch.device) -> dict:
     commit = _git("rev-parse", "HEAD")
     return dict(
         command=command,
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        date=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         git_commit=commit,
         git_dirty=bool(_git("status", "--porcelain", "--untracked-files=no")) if commit else None,
         torch=torch.__version__,

@@ -46,6 +46,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from flatsophia.commandline import shown_command
+
 __all__ = ["STUDIES", "Study", "Variant", "Task", "main", "plan_tuning", "plan_runs", "plan_ablation", "report"]
 
 
@@ -202,7 +204,8 @@ class Task:
     seconds: float = math.nan
 
     def shell(self) -> str:
-        return shlex.join(self.argv)
+        """The command as typed in the project root (``python src/train.py -m ...``, relative paths)."""
+        return shown_command(self.argv, project_root())
 
 
 def _train_argv(overrides: Sequence[str]) -> list[str]:
@@ -361,7 +364,7 @@ def run_tasks(tasks: list[Task], jobs: int, deadline: float | None = None, env: 
                 continue
             task.log.parent.mkdir(parents=True, exist_ok=True)
             fh = open(task.log, "w")  # noqa: SIM115 - closed when the process ends
-            fh.write(task.shell() + "\n\n")
+            fh.write(shlex.join(task.argv) + "\n\n")  # this machine's log: the exact command
             fh.flush()
             print(f"[claim] start {task.name} ({task.procs} processes)", flush=True)
             running.append(

@@ -61,6 +61,8 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from flatsophia.commandline import shown_path
+
 __all__ = [
     "Summary",
     "find_jobs",
@@ -295,7 +297,7 @@ def run_record(job: Job, metric: str = "val/loss", target: float | None = None, 
         "optimizer": job.optimizer,
         "setting": job.setting,
         "seed": job.seed,
-        "job": str(job.path),
+        "job": shown_path(job.path),
     }
     rec["val_loss_best"], rec["val_loss_best_step"], rec["val_loss_final"] = _best(df, "val/loss", "min")
     rec["val_loss_rise"] = rec["val_loss_final"] - rec["val_loss_best"]  # overfitting after the best point
@@ -651,7 +653,7 @@ def summarize(
     paired_all = {p: paired_differences(runs, *p, metric=metric) for p in pairs}
     paired = paired_all[pairs[0]] if pairs else None
     first = [sweep_dirs] if isinstance(sweep_dirs, (str, Path)) else list(sweep_dirs)
-    title = "Sweep summary: " + ", ".join(str(d) for d in first)
+    title = "Sweep summary: " + ", ".join(shown_path(d) for d in first)
     md = to_markdown(table, runs, list(paired_all.values()), metric, target, title, common, pairs, digits, mode)
     summary = Summary(runs, table, paired, md, jobs, common, paired_all=paired_all)
     if write:
