@@ -23,7 +23,7 @@ OURS = [n for n in NAMES if OPTIMIZERS[n].cls.__module__.startswith("flatsophia.
 #: the options of LATER_OPTIONS keep their defaults.
 KWARGS = {
     "adamw": dict(lr=1e-2, weight_decay=0.1),
-    "sophia_g": dict(lr=1e-2, rho=0.05, weight_decay=0.1),
+    "sophia_g": dict(lr=1e-2, rho=0.05, weight_decay=0.1, bs=8),
     "sophia_h": dict(lr=1e-2, weight_decay=0.1),
     "flat_sophia": dict(lr=1e-2, weight_decay=0.1, sharp_fraction=0.25, dampening_factor=4),
     "soap": dict(lr=1e-2, precondition_frequency=2),
@@ -32,9 +32,9 @@ KWARGS = {
 #: Options each class gained after its first release: an older pickle or state_dict lacks them.
 LATER_OPTIONS = {
     "adamw": ("maximize", "foreach", "capturable", "differentiable", "fused"),
-    "sophia_g": ("bs", "maximize", "foreach"),
-    "sophia_h": ("mu_dtype", "foreach"),
-    "flat_sophia": ("mask_source", "mask_seed", "mu_dtype", "foreach"),
+    "sophia_g": ("maximize", "foreach", "capturable", "mu_dtype", "hessian_dtype"),
+    "sophia_h": ("mu_dtype", "foreach", "capturable", "hessian_dtype"),
+    "flat_sophia": ("mask_source", "mask_seed", "mu_dtype", "foreach", "capturable", "hessian_dtype"),
     "soap": ("data_format",),
 }
 
@@ -301,7 +301,8 @@ def test_unknown_or_unsupported_options_raise_type_error(name):
         return
     # Where maximize is offered, it goes uphill: the first step moves along +grad, not -grad.
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = cls([p], lr=0.1, weight_decay=0.0, maximize=True)
+    extra = {"bs": 1} if "bs" in inspect.signature(cls.__init__).parameters else {}
+    opt = cls([p], lr=0.1, weight_decay=0.0, maximize=True, **extra)
     p.grad = torch.tensor([1.0, -2.0, 3.0])
     opt.step()
     assert torch.equal(torch.sign(p.detach()), torch.tensor([1.0, -1.0, 1.0]))
