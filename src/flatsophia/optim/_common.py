@@ -60,8 +60,9 @@ def check_lr(value) -> None:
 
 
 def lr_value(lr: float | torch.Tensor) -> float:
-    """A group's learning rate as a Python number (a tensor learning rate is read once per step)."""
-    return lr.item() if isinstance(lr, torch.Tensor) else lr
+    """A group's learning rate as a Python float (a tensor learning rate is read once per step; a
+    NumPy scalar put into a group after construction counts as the float it holds)."""
+    return lr if isinstance(lr, float) else float(lr)
 
 
 def check_capturable(name: str, value) -> None:
