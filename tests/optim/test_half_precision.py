@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 
-from flatsophia.optim import OPTIMIZERS, FlatSophia, SophiaG
+from flatsophia.optim import OPTIMIZERS, SophiaG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,26 +113,33 @@ def test_half_params_take_the_float32_step_rounded_once(cls, dtype, foreach):
 
 @pytest.mark.parametrize("cls", SOPHIA, ids=lambda c: c.__name__)
 def test_bf16_params_track_the_float32_run_within_bf16_resolution(cls):
-    """Free-running bf16 and float32 runs (same gradients and estimates) differ by at most the
-    rounding of the parameter itself: half a bf16 ulp of the parameter per step, summed."""
+    """Free-running bf16 and float32 runs (same gradients, a steady curvature refreshed every step)
+    differ by the rounding of the parameter itself and nothing more: at most half a bf16 ulp per
+    step, summed, and within 5 standard deviations of that rounding noise as a random walk (a bf16
+    Hessian EMA, ``hessian_dtype=torch.bfloat16``, stalls below the curvature and drifts past it)."""
     g = torch.Generator().manual_seed(3)
     w = (0.05 * torch.randn(16, 12, generator=g)).bfloat16()
+    curvature = torch.rand(w.shape, generator=g) + 0.5
     p16, p32 = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.float())
-    o16, o32 = _make(cls, [p16]), _make(cls, [p32])
-    bound = torch.zeros(16, 12, dtype=torch.float64)
-    for t in range(40):
-        if t % 5 == 0:
-            est = _estimate(cls, g, w.shape).bfloat16()
-            assert o16.update_hessian([est]) and o32.update_hessian([est.float()])
+    kw = {} if cls is SophiaG else {"gamma": 1.0}  # mostly unclipped: the EMA's value matters
+    o16, o32 = _make(cls, [p16], **kw), _make(cls, [p32], **kw)
+    bound = torch.zeros(w.shape, dtype=torch.float64)
+    variance = torch.zeros(w.shape, dtype=torch.float64)
+    for _ in range(200):
+        est = (curvature * (1 + 0.1 * torch.randn(w.shape, generator=g))).bfloat16()
+        assert o16.update_hessian([est]) and o32.update_hessian([est.float()])
         grad = torch.randn(w.shape, generator=g).bfloat16()
         p16.grad, p32.grad = grad, grad.float()
         o16.step()
         o32.step()
-        bound += p16.detach().double().abs() * 2.0**-8  # half an ulp (eps = 2^-7) at the new value
+        half_ulp = p16.detach().double().abs() * 2.0**-8  # eps = 2^-7 at the new value
+        bound += half_ulp
+        variance += half_ulp**2 / 3  # a rounding error uniform in +-half_ulp
     gap = (p16.double() - p32.double()).abs()
     moved = (p32.double() - w.double()).abs()
     assert (gap <= bound).all(), (gap / bound).max()
-    assert bound.mean() < 0.2 * moved.mean()  # a bound well below the distance travelled
+    assert (gap <= 5 * variance.sqrt()).all(), (gap / variance.sqrt()).max()
+    assert gap.mean() < 0.05 * moved.mean()
 
 
 @pytest.mark.parametrize("cls", SOPHIA, ids=lambda c: c.__name__)
@@ -199,16 +206,3 @@ def test_state_dtype_options_are_validated(cls):
             cls([p], **{key: torch.int32})
         assert cls([p], **{key: "fp16"}).param_groups[0][key] is torch.float16
 
-
-def test_flat_sophia_mask_of_half_params_matches_the_float32_run():
-    """The mask of bf16 parameters is built from the same estimate as the float32 run's."""
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(10, 10, generator=g).bfloat16()
-    p16, p32 = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.float())
-    o16, o32 = _make(FlatSophia, [p16], mask_source="ema"), _make(FlatSophia, [p32], mask_source="ema")
-    for _ in range(3):
-        est = torch.randn(w.shape, generator=g).bfloat16()
-        o16.update_hessian([est])
-        o32.update_hessian([est.float()])
-    assert torch.equal(o16.state[p16]["mask"], o32.state[p32]["mask"])
-    assert (o16.state[p16]["mask"] != 1).sum().item() == 24  # k - 1 of 100 with k = 25

@@ -147,15 +147,18 @@ def _compile_or_skip():
         pytest.skip(f"torch.compile (inductor needs a C++ compiler on CPU) failed here: {type(err).__name__}: {err}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
 @pytest.mark.parametrize("foreach", [False, True], ids=["single", "multi"])
 @pytest.mark.parametrize("cls", [SophiaG, FlatSophia], ids=lambda c: c.__name__)
-def test_compiled_step_equals_the_eager_step(cls, foreach):
-    """``torch.compile(opt.step)`` gives the eager trajectory (float64, up to fused-arithmetic
-    rounding) and compiles once: the step counters are not baked into the graph."""
+def test_compiled_step_equals_the_eager_step(cls, foreach, dtype):
+    """``torch.compile(opt.step)`` gives the eager trajectory (up to fused-arithmetic rounding; bf16
+    parameters with their float32 state too) and compiles once: the step counters are not baked
+    into the graph."""
     _compile_or_skip()
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(0)
-    ps = [torch.nn.Parameter(torch.randn(5, 7, generator=g, dtype=torch.float64)) for _ in range(2)]
+    atol = 1e-14 if dtype is torch.float64 else 2e-2  # bf16: one ulp of |p| < 4 where fused rounding differs
+    ps = [torch.nn.Parameter(torch.randn(5, 7, generator=g, dtype=torch.float64).to(dtype)) for _ in range(2)]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     # some coordinates clipped, some not
     extra = {"sharp_fraction": 0.3, "gamma": 10.0} if cls is FlatSophia else {"rho": 1.0, "bs": 20}
@@ -163,21 +166,25 @@ def test_compiled_step_equals_the_eager_step(cls, foreach):
     compiled, eager = cls(ps, **kw), cls(qs, **kw)
     step = torch.compile(compiled.step)
     for t in range(6):
-        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ps]
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) for p in ps]
         for p, q, grad in zip(ps, qs, grads):
             p.grad, q.grad = grad.clone(), grad.clone()
         if t % 3 == 0:
-            est = [torch.randn(p.shape, generator=g, dtype=torch.float64).abs() for p in ps]
+            est = [torch.randn(p.shape, generator=g, dtype=torch.float64).abs().to(dtype) for p in ps]
             compiled.update_hessian(est)
             eager.update_hessian([e.clone() for e in est])
         with torch._dynamo.config.patch(error_on_recompile=t > 0):
             step()
         eager.step(collect_stats=t == 5)
         for p, q in zip(ps, qs):
-            torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+            torch.testing.assert_close(p, q, rtol=0, atol=atol)
     for p, q in zip(ps, qs):
         for key, value in compiled.state[p].items():
-            torch.testing.assert_close(value, eager.state[q][key], rtol=0, atol=1e-14)
+            assert value.dtype == eager.state[q][key].dtype
+            state_atol = 0 if key == "mask" else (1e-14 if dtype is torch.float64 else 1e-6)  # float32 state
+            torch.testing.assert_close(value, eager.state[q][key], rtol=0, atol=state_atol)
+        if dtype is torch.bfloat16:
+            assert compiled.state[p]["hessian"].dtype == compiled.state[p]["exp_avg"].dtype == torch.float32
     assert compiled.state[ps[0]]["step"].item() == 6
     assert 0.1 < eager.stats()["win_rate"].item() < 0.9  # both regimes of the clip took part
     if cls is FlatSophia:
