@@ -84,7 +84,8 @@ class SophiaG(_SophiaBase):
             the parameter's); e.g. ``torch.bfloat16`` to save memory.
         hessian_dtype: dtype of ``hessian`` (default ``None``: float32 for bf16/fp16 parameters,
             else the parameter's). A bf16 EMA stalls: 2,000 updates of a constant 0.8 from zero
-            end at 0.586 (float32: 0.800); pass the parameters' dtype only to save its memory.
+            end at 0.586 (float32 state: 0.8008, bf16's 0.8); pass the parameters' dtype only to
+            save its memory.
 
     **Precision.** Each update is computed in the widest of float32, the parameter's and the
     state's dtypes and written to the parameter with one rounding: in fp16 the reference's

@@ -70,8 +70,8 @@ class SophiaH(_SophiaBase):
             dtype, used unrounded by the step and stored in ``mu_dtype``.
         hessian_dtype: dtype of the Hessian EMA ``hessian`` (default ``None``: float32 for
             bf16/fp16 parameters, else the parameter's). A bf16 EMA stalls: 2,000 updates of a
-            constant 0.8 from zero with ``beta2=0.99`` end at 0.586 (float32: 0.800); pass the
-            parameters' dtype only to save its memory.
+            constant 0.8 from zero with ``beta2=0.99`` end at 0.586 (float32 state: 0.8008, bf16's
+            0.8); pass the parameters' dtype only to save its memory.
         foreach: ``True``: multi-tensor kernels (``torch._foreach_*``); ``False``: a loop over
             tensors; ``None`` (default): multi-tensor when all parameters are on CUDA, as in
             ``torch.optim``. Both run the same operations (bit-identical on CPU), with any state
