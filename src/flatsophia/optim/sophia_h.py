@@ -34,6 +34,7 @@ from ._common import (
 
 __all__ = ["SophiaH", "sophia_h"]
 
+
 class SophiaH(_SophiaBase):
     r"""Sophia-H, as the flat-sophia reference's ``scale_by_sophia_h``.
 
@@ -294,4 +295,3 @@ def _bias_correction(beta1: float, step_t: torch.Tensor) -> float | torch.Tensor
     if isinstance(step, torch.Tensor):
         step = step.to(torch.float64)
     return 1 - beta1**step
-
