@@ -21,7 +21,7 @@ from flatsophia.bench import report, timing, workloads
 from flatsophia.bench.cli import main, parse_args
 from flatsophia.bench.sections import state_bytes, training_step
 from flatsophia.hessian import HessianRefresher
-from flatsophia.optim import OPTIMIZERS, create_optimizer
+from flatsophia.optim import OPTIMIZERS
 
 
 def expected_rows() -> list[str]:
@@ -183,7 +183,7 @@ def test_training_step_refreshes_once_every_k():
     w = workloads.build_workload("smoke")
     forward, loss_fn = w.closures(w.model)
     for name, hvp in (("sophia_g", "autograd"), ("sophia_h", "autograd"), ("flat_sophia", "finite_difference")):
-        opt = create_optimizer(w.model, name)
+        opt = workloads.make_optimizer(name, w.model, w.predictions)  # SophiaG: bs = predictions per step
         refresher = (
             HessianRefresher(opt, model=w.model, every_k=5, hvp=hvp)
             if name != "sophia_g"

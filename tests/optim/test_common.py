@@ -81,6 +81,11 @@ def test_bad_hyperparameters(cls, kwargs, text):
     assert text in str(info.value), str(info.value)
 
 
+
+def _bs(cls) -> dict:
+    """The predictions per step SophiaG needs (the others take none)."""
+    return {"bs": 8} if cls is SophiaG else {}
+
 def test_valid_edge_hyperparameters():
     SophiaG([_p(2)], lr=0.0, rho=0.0, weight_decay=0.0, betas=(0.0, 0.0))
     SophiaH([_p(2)], clip_threshold=None, mu_dtype="fp32")
@@ -124,6 +129,7 @@ def _family_cases(n_cases: int):
         }
         if cls is SophiaG:
             hyper["rho"] = 10 ** rng.uniform(-3, 0)
+            hyper["bs"] = 5120
             clip = 1.0
         else:
             clip = rng.choice([1.0, rng.uniform(0.1, 3.0)])
@@ -174,7 +180,7 @@ def test_update_bounded_when_hessian_nonpositive(chunk):
 def test_nonfinite_estimate_is_skipped(cls):
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=g).requires_grad_() for s in [(6, 4), (4,)]]
-    opt = cls(params, sharp_fraction=0.25) if cls is FlatSophia else cls(params)
+    opt = cls(params, sharp_fraction=0.25) if cls is FlatSophia else cls(params, **_bs(cls))
     fresh = copy.deepcopy(opt)
     with pytest.warns(RuntimeWarning, match="NaN/inf"):
         assert fresh.update_hessian([torch.full((6, 4), float("nan")), torch.zeros(4)]) is False
@@ -319,7 +325,7 @@ def test_create_optimizer_every_registry_entry(name):
             assert opt.update_hessian(estimates)
         opt.zero_grad()
         loss_fn(m(tokens)).backward()
-        opt.step()
+        opt.step(**({"bs": len(labels)} if spec.hessian == "gnb" else {}))
     assert any(not torch.equal(a, b) for a, b in zip(before, m.parameters(), strict=True))
     assert all(torch.isfinite(p).all() for p in m.parameters())
 

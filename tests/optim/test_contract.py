@@ -9,6 +9,7 @@ import inspect
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ OURS = [n for n in NAMES if OPTIMIZERS[n].cls.__module__.startswith("flatsophia.
 #: the options of LATER_OPTIONS keep their defaults.
 KWARGS = {
     "adamw": dict(lr=1e-2, weight_decay=0.1),
-    "sophia_g": dict(lr=1e-2, rho=0.05, weight_decay=0.1),
+    "sophia_g": dict(lr=1e-2, rho=0.05, weight_decay=0.1, bs=8),
     "sophia_h": dict(lr=1e-2, weight_decay=0.1),
     "flat_sophia": dict(lr=1e-2, weight_decay=0.1, sharp_fraction=0.25, dampening_factor=4),
     "soap": dict(lr=1e-2, precondition_frequency=2),
@@ -32,9 +33,9 @@ KWARGS = {
 #: Options each class gained after its first release: an older pickle or state_dict lacks them.
 LATER_OPTIONS = {
     "adamw": ("maximize", "foreach", "capturable", "differentiable", "fused"),
-    "sophia_g": ("bs", "maximize", "foreach"),
-    "sophia_h": ("mu_dtype", "foreach"),
-    "flat_sophia": ("mask_source", "mask_seed", "mu_dtype", "foreach"),
+    "sophia_g": ("maximize", "foreach", "capturable", "mu_dtype", "hessian_dtype"),
+    "sophia_h": ("mu_dtype", "foreach", "capturable", "hessian_dtype"),
+    "flat_sophia": ("mask_source", "mask_seed", "mu_dtype", "foreach", "capturable", "hessian_dtype"),
     "soap": ("data_format",),
 }
 
@@ -301,7 +302,8 @@ def test_unknown_or_unsupported_options_raise_type_error(name):
         return
     # Where maximize is offered, it goes uphill: the first step moves along +grad, not -grad.
     p = torch.nn.Parameter(torch.zeros(3))
-    opt = cls([p], lr=0.1, weight_decay=0.0, maximize=True)
+    extra = {"bs": 1} if "bs" in inspect.signature(cls.__init__).parameters else {}
+    opt = cls([p], lr=0.1, weight_decay=0.0, maximize=True, **extra)
     p.grad = torch.tensor([1.0, -2.0, 3.0])
     opt.step()
     assert torch.equal(torch.sign(p.detach()), torch.tensor([1.0, -1.0, 1.0]))
@@ -352,3 +354,72 @@ def test_bad_bs_is_refused_before_anything_changes(bs):
     for p in params:
         p.grad = torch.ones_like(p)
     _refused("sophia_g", opt, params, lambda: opt.step(bs=bs), ValueError, "Invalid bs")
+
+
+# ------------------------------------------------------------------ torch.optim conventions
+def _lr_run(name, lr, new_lr=None) -> tuple:
+    """Three steps at ``lr``, then (``new_lr``) the first group's rate changed as a scheduler would
+    (a tensor in place, anything else by assignment), then three more."""
+    params = _params()
+    opt = OPTIMIZERS[name].cls(_groups(params), **(KWARGS[name] | {"lr": lr}))
+    _train(name, opt, 0, 3)
+    if new_lr is not None:
+        group = opt.param_groups[0]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(new_lr)
+        else:
+            group["lr"] = new_lr
+    _train(name, opt, 3, 3)
+    return opt
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_tensor_and_numpy_learning_rates_act_as_the_float_they_hold(name):
+    """As torch.optim: a 1-element tensor learning rate (updated in place, as schedulers do) and a
+    NumPy scalar give the run of the Python float they hold, bit for bit."""
+    first, then = torch.tensor(2e-2), torch.tensor(7e-3)  # float32 values: not the decimal ones
+    want = _lr_run(name, first.item(), then.item())
+    _assert_same(want, _lr_run(name, first.clone(), then.item()))
+    _assert_same(want, _lr_run(name, torch.tensor([first.item()]), then.item()))  # 1 element, 1-d
+    _assert_same(want, _lr_run(name, np.float32(first.item()), np.float32(then.item())))
+    other = _lr_run(name, 3e-2, then.item())
+    assert not torch.equal(_params_of(want)[0], _params_of(other)[0])  # the rate does matter here
+
+
+@pytest.mark.parametrize(
+    "lr, shown",
+    [
+        (torch.tensor([1e-2, 2e-2]), r"a tensor of shape \(2,\)"),
+        (torch.tensor(1), r"a tensor of shape \(\) and dtype torch.int64"),
+        (torch.tensor(-1e-2), "-0.0099"),
+        (torch.tensor(float("nan")), "nan"),
+        (np.float32(-1.0), "-1.0"),
+    ],
+)
+@pytest.mark.parametrize("name", OURS)
+def test_bad_tensor_or_numpy_learning_rate_is_refused(name, lr, shown):
+    with pytest.raises(ValueError, match=f"Invalid learning rate: {shown}"):
+        OPTIMIZERS[name].cls(_params(), lr=lr)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capturable_false_is_accepted_and_true_says_what_to_use(name):
+    """``capturable`` (torch.optim's and the Sophia authors' keyword): where a class takes it,
+    ``False`` is the plain step; ours refuse ``True`` naming torch.compile."""
+    cls = OPTIMIZERS[name].cls
+    if "capturable" not in inspect.signature(cls.__init__).parameters:
+        with pytest.raises(TypeError, match="capturable"):
+            cls(_params(), capturable=False)
+        return
+    params = _params()
+    opt = cls(_groups(params), **KWARGS[name], capturable=False)
+    _train(name, opt, 0, 4)
+    _, plain = _make(name)
+    _train(name, plain, 0, 4)
+    _assert_same(opt, plain)
+    if name in OURS:
+        with pytest.raises(ValueError, match=r"Invalid capturable: True .*torch\.compile\(optimizer\.step\)"):
+            cls(_params(), **KWARGS[name], capturable=True)
+        with pytest.raises(ValueError, match="Invalid capturable"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "capturable": True})
+        assert len(opt.param_groups) == 2

@@ -4,7 +4,8 @@ shards, and the result is bit-identical to one process stepping the whole parame
 Gradients and Hessian estimates are synthetic (full-size draws from a seeded generator, of which
 each rank keeps its shard), so the sharded and the single-process steps see the same values and
 must agree exactly: the step, the Hessian EMA, FlatSophia's global mask (threshold by
-``distributed_kth_largest``) and the statistics, for both kernels. One spawn runs every case.
+``distributed_kth_largest``) and the statistics, for both kernels, also with bf16 parameters (float32
+state on the shards). One spawn runs every case.
 """
 
 from __future__ import annotations
@@ -27,18 +28,22 @@ CASES = {
     "flat_sophia": (FlatSophia, dict(lr=1e-2, weight_decay=0.1, sharp_fraction=0.3)),
     "flat_sophia_ema": (FlatSophia, dict(lr=1e-2, sharp_fraction=0.25, mask_source="ema")),
     "flat_sophia_random": (FlatSophia, dict(lr=1e-2, sharp_fraction=0.5, mask_source="random", mask_seed=3)),
+    "sophia_g_bf16": (SophiaG, dict(lr=1e-2, rho=0.05, weight_decay=0.1, bs=8)),
+    "flat_sophia_bf16": (FlatSophia, dict(lr=1e-2, weight_decay=0.1, sharp_fraction=0.3)),
 }
+#: The parameters' dtype of a case (float32 unless its name says bf16).
+DTYPES = {name: torch.bfloat16 if name.endswith("_bf16") else torch.float32 for name in CASES}
 
 
-def _net():
+def _net(dtype=torch.float32):
     torch.manual_seed(0)
     # odd sizes: uneven shards (5 rows -> 3 + 2, the bias of 3 -> 2 + 1), and empty ones (1 row -> 1 + 0)
-    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1))
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3), nn.Tanh(), nn.Linear(3, 1)).to(dtype)
 
 
 def _draws(params, seed):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(p.shape, generator=g) for p in params]
+    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
 
 
 def _comms(counts: dict) -> dict[str, int]:
@@ -86,8 +91,8 @@ def _worker(rank, world):
     for name, (cls, kwargs) in CASES.items():
         for foreach in (False, True):
             for nan_at in (None, 2):
-                ref = list(_net().parameters())
-                net = _net()
+                ref = list(_net(DTYPES[name]).parameters())
+                net = _net(DTYPES[name])
                 fully_shard(net, mesh=mesh)
                 sharded = list(net.parameters())
                 out[(name, foreach, nan_at)] = (
@@ -124,6 +129,8 @@ def test_sharded_step_equals_single_process(ranks, name, foreach):
         assert accepted == ref_accepted == [True] * 3
         for got, want in zip(stats, ref_stats, strict=True):  # sums in another order: float32 rounding
             assert got == pytest.approx(want, rel=1e-6, abs=1e-9)
+        if DTYPES[name] is torch.bfloat16:
+            assert params[0].dtype is torch.bfloat16 and state["0/hessian"].dtype is torch.float32
         if name.startswith("flat_sophia"):
             assert any((m != 1).any() for k, m in state.items() if k.endswith("/mask"))
             assert 0 < stats[-1]["masked_frac"] < 1

@@ -269,7 +269,7 @@ def test_nonfinite_grad_estimate_is_skipped():
     torch.manual_seed(0)
     p = torch.randn(5, requires_grad=True)
     q = torch.randn(2, 2, requires_grad=True)
-    opt = SophiaG([p, q])
+    opt = SophiaG([p, q], bs=8)
     p.grad, q.grad = torch.randn(5), torch.randn(2, 2)
     opt.update_hessian()
     opt.step()
@@ -298,18 +298,33 @@ def test_negative_hessian_step_is_bounded():
     assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-15)
 
 
-def test_bs_validation_and_no_grad_params():
+def test_bs_is_required_validated_and_positional_as_in_the_reference():
+    """No silent default: a step without ``bs`` (call or group) is refused before anything changes."""
     p = torch.zeros(3, requires_grad=True)
     unused = torch.zeros(2, requires_grad=True)
-    opt = SophiaG([p, unused])
+    opt = SophiaG([p, unused], lr=0.1, rho=0.5, weight_decay=0.0)
     p.grad = torch.ones(3)
     with pytest.raises(ValueError, match="-4"):
         opt.step(bs=-4)
-    opt.step(bs=8)
+    with pytest.raises(ValueError, match=r"SophiaG needs bs.*gamma = rho \* bs.*group\(s\) \[0\]"):
+        opt.step()
+    assert not opt.state and not p.any()
+    opt.update_hessian([torch.ones(3), None])  # h = 0.01 after one fold of 1 (beta2 = 0.99)
+    opt.step(None, 8)  # the reference's positional form
     assert unused not in opt.state
+    m, h = 1 - 0.965, 1 - 0.99
+    torch.testing.assert_close(p, torch.full((3,), -0.1 * m / (0.5 * 8 * h)), rtol=1e-6, atol=0)  # unclipped
+    ref = SophiaG([q := torch.zeros(3, requires_grad=True)], lr=0.1, rho=0.5, weight_decay=0.0, bs=8)
+    q.grad = torch.ones(3)
+    ref.update_hessian([torch.ones(3)])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        opt.step()  # default bs of the groups
+        ref.step()  # the group's bs
+    assert torch.equal(p, q)
+    p.grad, q.grad = torch.ones(3), torch.ones(3)
+    opt.step(None, 200)
+    ref.step(bs=200)  # the call's bs over the group's
+    assert torch.equal(p, q)
 
 
 def test_closure_and_maximize_flag():
@@ -322,10 +337,10 @@ def test_closure_and_maximize_flag():
         loss.backward()
         return loss
 
-    loss = opt.step(closure)
+    loss = opt.step(closure, 16)  # bs is checked after the closure made the gradients
     assert loss.item() == pytest.approx(1.0)
     assert p.item() == pytest.approx(0.9)  # h = 0: a full clipped step against the gradient
-    opt2 = SophiaG([q := torch.tensor([1.0], requires_grad=True)], lr=0.1, weight_decay=0.0, maximize=True)
+    opt2 = SophiaG([q := torch.tensor([1.0], requires_grad=True)], lr=0.1, weight_decay=0.0, maximize=True, bs=1)
     q.grad = torch.tensor([2.0])
     opt2.step()
     assert q.item() == pytest.approx(1.1)

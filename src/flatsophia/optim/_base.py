@@ -10,7 +10,19 @@ from torch.optim import Optimizer
 
 from flatsophia.sharding import all_reduce_sum, any_dtensor, local, shard_group
 
-from ._common import all_finite, check_estimates, hessian_params, refuse_unsupported, upgrade_state
+from ._common import (
+    all_finite,
+    check_estimates,
+    hessian_params,
+    parse_dtype,
+    plain_numbers,
+    refuse_unsupported,
+    state_dtype,
+    upgrade_state,
+)
+
+#: The group options naming a state buffer's dtype, and the buffer each one sets.
+DTYPE_OPTIONS = {"mu_dtype": "exp_avg", "hessian_dtype": "hessian"}
 
 
 class _SophiaBase(Optimizer):
@@ -21,11 +33,20 @@ class _SophiaBase(Optimizer):
     ``torch.compile`` runs it eagerly) and ``_update_group`` calls the functional step. A subclass
     provides the algorithm through these hooks:
 
-    * ``_check_options(options)``: validate a dict of options (the defaults, every added group);
-    * ``_init_state(p, group)``: the parameter's state, created on first use;
+    * ``_check_options(options)``: validate a dict of options (the defaults, every added group;
+      NumPy scalars are Python numbers by then);
+    * ``_init_state(p, group)``: the parameter's state, created on first use (the buffers named in
+      :data:`DTYPE_OPTIONS` in :meth:`_state_dtypes`);
     * ``_update_group(group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs)``:
       call the algorithm's functional step;
-    * ``_fold_hessian(state, estimate, group)``: fold one estimate into ``state["hessian"]``.
+    * ``_fold_hessian(state, estimate, group)``: fold one estimate into ``state["hessian"]``;
+    * ``_check_step(**step_kwargs)`` (optional): refuse a step once the gradients are known.
+
+    **Half precision**: ``exp_avg`` and ``hessian`` are float32 for bf16/fp16 parameters unless the
+    group's ``mu_dtype`` / ``hessian_dtype`` say otherwise, and the kernels compute each update in the
+    widest of float32, the parameter's and the state's dtypes, writing the parameter back with one
+    rounding; float32 and float64 parameters run exactly as before. :meth:`load_state_dict` keeps
+    these dtypes (``torch.optim`` would cast every state tensor to the parameter's dtype).
 
     **Sharded parameters** (DTensors, e.g. from FSDP2's ``fully_shard``): the state tensors are
     DTensors laid out like their parameters (so ``torch.distributed.checkpoint`` saves them shard by
@@ -39,6 +60,7 @@ class _SophiaBase(Optimizer):
     is_second_order = True
 
     def __init__(self, params, defaults: dict):
+        plain_numbers(defaults)
         self._check_options(defaults)
         super().__init__(params, defaults)
         # Mutated in place only (never rebound): Lightning's optimizer wrapper copies __dict__.
@@ -47,22 +69,57 @@ class _SophiaBase(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         upgrade_state(self)
+        for group in self.param_groups:  # a name such as "bf16" from an older state dict
+            for key in DTYPE_OPTIONS:
+                if key in group:
+                    group[key] = parse_dtype(key, group[key])
         self.__dict__.setdefault("_last_step_stats", {})
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:
+            plain_numbers(self.param_groups[-1])
             self._check_options(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping each state buffer's dtype.
+
+        The base class casts every state tensor but ``step`` to its parameter's dtype. Here
+        ``exp_avg`` and ``hessian`` are taken again from the saved tensors in the dtypes the loaded
+        groups ask for (:meth:`_state_dtypes`: float32 under bf16/fp16 parameters by default, so
+        every bit survives; an older bf16 buffer is widened), and other buffers (FlatSophia's int8
+        mask) keep their saved dtype.
+        """
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
+        for pid, (p, group) in zip(saved_ids, pairs):
+            dtypes = self._state_dtypes(p, group)
+            for key, value in saved.get(pid, {}).items():
+                if key != "step" and isinstance(value, torch.Tensor):
+                    self.state[p][key] = value.to(device=p.device, dtype=dtypes.get(key, value.dtype))
+
+    def _state_dtypes(self, p: torch.Tensor, group: dict) -> dict[str, torch.dtype]:
+        """Dtype of each floating state buffer of ``p`` (``exp_avg``, ``hessian``) under ``group``'s options."""
+        return {buffer: state_dtype(group.get(option), p.dtype) for option, buffer in DTYPE_OPTIONS.items()}
 
     # ------------------------------------------------------------------ hooks
     def _check_options(self, options: dict) -> None:
         raise NotImplementedError
 
     def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        raise NotImplementedError
+        """The parameter's state: a float32 ``step`` and zero ``exp_avg`` and ``hessian`` buffers."""
+        state = self.state[p]
+        if len(state) == 0:
+            dtypes = self._state_dtypes(p, group)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in ("exp_avg", "hessian"):
+                state[key] = torch.zeros_like(p, dtype=dtypes[key], memory_format=torch.preserve_format)
+        return state
 
     def _init_group(self, group, params, grads, exp_avgs, hessians, state_steps, masks) -> None:
         for p in group["params"]:
@@ -84,6 +141,9 @@ class _SophiaBase(Optimizer):
     def _update_group(self, group, params, grads, exp_avgs, hessians, state_steps, masks, stats, **step_kwargs):
         raise NotImplementedError
 
+    def _check_step(self, **step_kwargs) -> None:
+        """Refuse a step (``ValueError``) after the closure ran and before anything changes."""
+
     def _fold_hessian(self, state: dict, estimate: torch.Tensor, group: dict) -> None:
         raise NotImplementedError
 
@@ -99,6 +159,7 @@ class _SophiaBase(Optimizer):
         refuse_unsupported(
             type(self).__name__, [(p, p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         )
+        self._check_step(**step_kwargs)
         stats: list | None = [] if collect_stats else None
         n_total = 0
         groups = None

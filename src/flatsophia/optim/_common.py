@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import numbers
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -17,6 +18,102 @@ from flatsophia.checks import (  # noqa: F401 (re-exported)
     check_positive,
 )
 from flatsophia.sharding import all_reduce_sum, local
+
+#: Parameter dtypes whose optimizer state and update arithmetic default to float32.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
+
+
+def plain_numbers(options: dict) -> None:
+    """Replace NumPy scalars among ``options`` (also inside ``betas``) by Python numbers, in place.
+
+    ``np.float32(1e-3)`` is then the float ``1e-3`` rounded to float32, as ``torch.optim`` reads it,
+    and every later product (``lr * weight_decay``) runs in Python's double precision rather than in
+    the NumPy scalar's type.
+    """
+
+    def plain(value):
+        if isinstance(value, (tuple, list)):
+            return type(value)(plain(v) for v in value)
+        if isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)) and hasattr(value, "item"):
+            return value.item()
+        return value
+
+    for key, value in options.items():
+        if key != "params":
+            options[key] = plain(value)
+
+
+def check_lr(value) -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite number >= 0 or a 1-element floating tensor
+    holding one (as ``torch.optim``; a scheduler may then update it in place)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(
+                f"Invalid learning rate: a tensor of shape {tuple(value.shape)} and dtype {value.dtype} "
+                "(expected a finite number >= 0, or a 1-element floating tensor holding one)"
+            )
+        check_nonneg("learning rate", value.item())
+        return
+    check_nonneg("learning rate", value)
+
+
+def lr_value(lr: float | torch.Tensor) -> float:
+    """A group's learning rate as a Python float (a tensor learning rate is read once per step; a
+    NumPy scalar put into a group after construction counts as the float it holds)."""
+    return lr if isinstance(lr, float) else float(lr)
+
+
+def check_capturable(name: str, value) -> None:
+    """Accept ``capturable=False`` (torch.optim's and the authors' keyword); refuse ``True`` with what to use."""
+    check_bool("capturable", value)
+    if value:
+        raise ValueError(
+            f"Invalid capturable: True ({name} has no CUDA-graph-capturable step; use "
+            "torch.compile(optimizer.step), whose graph keeps the step counters as tensors, and "
+            "leave capturable=False)"
+        )
+
+
+def parse_dtype(name: str, value: torch.dtype | str | None) -> torch.dtype | None:
+    """A state dtype option as a floating ``torch.dtype`` or ``None``; names such as ``"bf16"`` are accepted."""
+    if isinstance(value, str):
+        attr = _DTYPE_ALIASES.get(value, value).removeprefix("torch.")
+        parsed = getattr(torch, attr, None)
+        if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
+            raise ValueError(f"Invalid {name}: {value!r} (expected one of bfloat16, float16, float32, float64)")
+        return parsed
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"Invalid {name}: {value!r} (expected None or a floating torch.dtype)")
+    return value
+
+
+def state_dtype(option: torch.dtype | None, param_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of a state buffer: ``option`` when set, else float32 for bf16/fp16 parameters, else the parameter's."""
+    if option is not None:
+        return option
+    return torch.float32 if param_dtype in HALF_DTYPES else param_dtype
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Dtype the update is computed in: the widest of float32 and ``dtypes`` (parameter, state)."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def widened(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``tensors`` themselves when all have ``dtype``, else copies in ``dtype`` (written back by
+    :func:`write_back`). One list holds one dtype (see :func:`by_device_and_dtype`)."""
+    return tensors if all(t.dtype == dtype for t in tensors) else [t.to(dtype) for t in tensors]
+
+
+def write_back(targets: list[torch.Tensor], work: list[torch.Tensor]) -> None:
+    """Copy the wider working tensors of :func:`widened` into ``targets`` (one rounding each)."""
+    if work is not targets:
+        torch._foreach_copy_(targets, work)
 
 
 def check_foreach(value) -> None:
@@ -44,12 +141,13 @@ def get_value(x: torch.Tensor | float) -> torch.Tensor | float:
 
 
 def by_device_and_dtype(*lists: list) -> list[list[list]]:
-    """Split parallel lists into parts whose first-list tensors share one device and dtype (what
-    ``torch._foreach_*`` ops need). Unlike ``Optimizer._group_tensors_by_device_and_dtype`` the other
-    lists may hold any dtype (FlatSophia's int8 masks)."""
+    """Split parallel lists into parts whose first-list tensors share one device, and each list one
+    dtype (what ``torch._foreach_*`` ops need). Unlike ``Optimizer._group_tensors_by_device_and_dtype``
+    the lists may hold different dtypes from each other (FlatSophia's int8 masks, a float32 state of
+    bf16 parameters)."""
     buckets: dict[tuple, list[list]] = {}
     for items in zip(*lists):
-        key = (items[0].device, items[0].dtype)
+        key = (items[0].device, *(t.dtype for t in items))
         bucket = buckets.setdefault(key, [[] for _ in lists])
         for out, item in zip(bucket, items):
             out.append(item)

@@ -49,7 +49,8 @@ class FlatSophia(SophiaH):
     and every step divides the clipped direction by it:
     :math:`\theta \leftarrow \theta - \mathrm{lr}\,(u / \text{mask} + \lambda\theta)`, with :math:`u` as in
     :class:`~flatsophia.optim.SophiaH`. The mask starts at 1 and keeps its value between refreshes.
-    Memory: two buffers in the parameter's dtype plus one int8 buffer per parameter.
+    Memory: two buffers (in the parameter's dtype, float32 for bf16/fp16 parameters; see
+    ``mu_dtype`` and ``hessian_dtype``) plus one int8 buffer per parameter.
 
     Args:
         sharp_fraction: fraction of coordinates (all groups together) to damp, in [0, 1]
@@ -90,7 +91,9 @@ class FlatSophia(SophiaH):
         mask_source: str = "estimate",
         mask_seed: int = 0,
         mu_dtype: torch.dtype | str | None = None,
+        hessian_dtype: torch.dtype | str | None = None,
         foreach: bool | None = None,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -100,7 +103,9 @@ class FlatSophia(SophiaH):
             weight_decay=weight_decay,
             clip_threshold=clip_threshold,
             mu_dtype=mu_dtype,
+            hessian_dtype=hessian_dtype,
             foreach=foreach,
+            capturable=capturable,
             sharp_fraction=sharp_fraction,
             dampening_factor=dampening_factor,
             mask_source=mask_source,

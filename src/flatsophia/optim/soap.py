@@ -18,7 +18,20 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from ._common import check_betas, check_bool, check_int, check_nonneg, check_positive, refuse_unsupported, upgrade_state
+from ._common import (
+    HALF_DTYPES,
+    check_betas,
+    check_bool,
+    check_int,
+    check_lr,
+    check_nonneg,
+    check_positive,
+    lr_value,
+    plain_numbers,
+    refuse_unsupported,
+    state_dtype,
+    upgrade_state,
+)
 
 __all__ = ["SOAP", "merged_shape"]
 
@@ -30,7 +43,6 @@ _EIGH_DIAG = 1e-30
 _NORM_EPS = 1e-30
 #: Relative diagonal jitters tried, in float64, after ``torch.linalg.eigh`` failed.
 _EIGH_JITTERS = (1e-10, 1e-7, 1e-4)
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def merged_shape(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
@@ -54,11 +66,6 @@ def merged_shape(shape: Sequence[int], max_dim: int) -> tuple[int, ...]:
     if run > 1 or not out:
         out.append(run)
     return tuple(out)
-
-
-def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the optimizer state: float32 for half-precision parameters, else the parameter's."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
 
 
 class _Layout:
@@ -257,7 +264,8 @@ def _check_shampoo_beta(value: float) -> None:
 
 
 def _validate(group: dict) -> None:
-    check_nonneg("learning rate", group["lr"])
+    plain_numbers(group)
+    check_lr(group["lr"])
     check_betas(group["betas"])
     _check_shampoo_beta(group["shampoo_beta"])
     check_positive("eps", group["eps"])
@@ -315,7 +323,8 @@ class SOAP(Optimizer):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate :math:`\eta` (default 3e-3).
+        lr: learning rate :math:`\eta` (default 3e-3); a number, or a 1-element tensor (read
+            once per step) as in ``torch.optim``.
         betas: :math:`(\beta_1, \beta_2)` of the Adam moments (default (0.95, 0.95)).
         shampoo_beta: EMA coefficient :math:`\beta_s` of the factors; -1 (default) uses
             :math:`\beta_2`. Otherwise in [0, 1), independent of :math:`\beta_2`.
@@ -414,7 +423,7 @@ class SOAP(Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
-            if p.dtype in _LOW_PRECISION and pid in saved:
+            if p.dtype in HALF_DTYPES and pid in saved:
                 self.state[p] = {k: _to_state(v, p.device, torch.float32, k) for k, v in saved[pid].items()}
 
     @torch.no_grad()
@@ -428,7 +437,7 @@ class SOAP(Optimizer):
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             sb = group["shampoo_beta"] if group["shampoo_beta"] >= 0 else beta2
-            lr, wd = group["lr"], group["weight_decay"]
+            lr, wd = lr_value(group["lr"]), group["weight_decay"]
             key = (
                 group["merge_dims"],
                 group["data_format"] == "channels_last",
@@ -441,7 +450,7 @@ class SOAP(Optimizer):
                     continue
                 grad = p.grad
                 layout = self._layout(p.shape, key)
-                sdtype = _state_dtype(p.dtype)
+                sdtype = state_dtype(None, p.dtype)
                 g = layout.to_work(grad if grad.dtype == sdtype else grad.to(sdtype))
                 state = self.state[p]
                 if "Q" not in state:

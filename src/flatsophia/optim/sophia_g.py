@@ -18,11 +18,18 @@ from ._common import (
     by_device_and_dtype,
     check_betas,
     check_bool,
+    check_capturable,
     check_foreach,
+    check_lr,
     check_nonneg,
     check_positive,
+    compute_dtype,
+    lr_value,
+    parse_dtype,
     refuse_unsupported,
     use_foreach,
+    widened,
+    write_back,
 )
 
 __all__ = ["SophiaG", "sophia_g"]
@@ -52,21 +59,37 @@ class SophiaG(_SophiaBase):
 
     ``bs`` is the number of predictions per optimizer step (examples, or sequences x tokens, times
     gradient accumulation, times world size); the paper's :math:`\gamma` is ``rho * bs``. Every
-    coordinate moves by at most ``lr`` per step (plus the decay).
+    coordinate moves by at most ``lr`` per step (plus the decay). There is no default: give it to
+    every :meth:`step` (``step(bs=n)``, or positionally as the reference: ``step(closure, n)``), or
+    once to the constructor or a parameter group; a step without any raises ``ValueError``. (The
+    reference's silent default of 5120 sets :math:`\gamma = 0.04 \cdot 5120` whatever the batch.)
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (default 1e-4).
+        lr: learning rate (default 1e-4); a number, or a 1-element tensor (read once per step) as
+            in ``torch.optim``.
         betas: :math:`(\beta_1, \beta_2)`, rates of the gradient and Hessian EMAs (default (0.965, 0.99)).
         rho: clipping scale (default 0.04).
         weight_decay: decoupled weight decay :math:`\lambda` (default 0.1).
-        bs: predictions per step, used when :meth:`step` is called without ``bs`` (default 5120,
-            the reference's default).
+        bs: predictions per step, used when :meth:`step` is called without ``bs`` (default
+            ``None``: every step must pass it).
         maximize: maximize the objective instead of minimizing it (default False).
+        capturable: ``False`` only (the reference's keyword); for a graph-captured step use
+            ``torch.compile(optimizer.step)``.
         foreach: ``True``: multi-tensor kernels (``torch._foreach_*``); ``False``: a loop over
             tensors; ``None`` (default): multi-tensor when all parameters are on CUDA, as in
-            ``torch.optim``. Both run the same operations (bit-identical on CPU). Steps with
-            ``collect_stats=True`` use the loop.
+            ``torch.optim``. Both run the same operations (bit-identical on CPU), also with
+            ``collect_stats=True``.
+        mu_dtype: dtype of ``exp_avg`` (default ``None``: float32 for bf16/fp16 parameters, else
+            the parameter's); e.g. ``torch.bfloat16`` to save memory.
+        hessian_dtype: dtype of ``hessian`` (default ``None``: float32 for bf16/fp16 parameters,
+            else the parameter's). A bf16 EMA stalls: 2,000 updates of a constant 0.8 from zero
+            end at 0.586 (float32 state: 0.8008, bf16's 0.8); pass the parameters' dtype only to
+            save its memory.
+
+    **Precision.** Each update is computed in the widest of float32, the parameter's and the
+    state's dtypes and written to the parameter with one rounding: in fp16 the reference's
+    ``1e-15`` underflows to 0, so a zero gradient over a zero Hessian is 0/0 = NaN there.
 
     The operations and their order are the reference's: with :math:`h \ge 0` parameters and state
     are bit-identical to ``sophia-opt``'s (float32 and float64, either kernel, on CPU). Differences:
@@ -78,6 +101,8 @@ class SophiaG(_SophiaBase):
           ``p.grad`` as the reference does. A non-finite estimate is skipped with a
           ``RuntimeWarning`` (state untouched) and ``update_hessian`` returns ``False``.
         * Sparse gradients and complex parameters raise ``RuntimeError`` before anything changes.
+        * bf16/fp16 parameters get float32 state and arithmetic (see above); the reference keeps
+          both in the parameter's dtype.
 
     ``torch.compile(optimizer.step)`` works.
 
@@ -94,32 +119,40 @@ class SophiaG(_SophiaBase):
         rho: float = 0.04,
         weight_decay: float = 0.1,
         *,
-        bs: int = 5120,
+        bs: float | None = None,
         maximize: bool = False,
+        capturable: bool = False,
         foreach: bool | None = None,
+        mu_dtype: torch.dtype | str | None = None,
+        hessian_dtype: torch.dtype | str | None = None,
     ):
         defaults = dict(
-            lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs, maximize=maximize, foreach=foreach
+            lr=lr,
+            betas=betas,
+            rho=rho,
+            weight_decay=weight_decay,
+            bs=bs,
+            maximize=maximize,
+            capturable=capturable,
+            foreach=foreach,
+            mu_dtype=mu_dtype,
+            hessian_dtype=hessian_dtype,
         )
         super().__init__(params, defaults)
 
     def _check_options(self, options: dict) -> None:
-        check_nonneg("learning rate", options["lr"])
+        check_lr(options["lr"])
         check_betas(options["betas"])
         options["betas"] = tuple(options["betas"])
         check_nonneg("rho", options["rho"])
         check_nonneg("weight_decay", options["weight_decay"])
-        check_positive("bs", options["bs"])
+        if options["bs"] is not None:
+            check_positive("bs", options["bs"])
         check_bool("maximize", options["maximize"])
+        check_capturable(type(self).__name__, options["capturable"])
         check_foreach(options["foreach"])
-
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+        options["mu_dtype"] = parse_dtype("mu_dtype", options["mu_dtype"])
+        options["hessian_dtype"] = parse_dtype("hessian_dtype", options["hessian_dtype"])
 
     @torch.no_grad()
     def update_hessian(self, estimates: Sequence[torch.Tensor | None] | None = None) -> bool:
@@ -147,18 +180,36 @@ class SophiaG(_SophiaBase):
         state["hessian"].mul_(beta2).addcmul_(estimate, estimate, value=1 - beta2)
 
     @torch.no_grad()
-    def step(self, closure: Callable | None = None, *, bs: float | None = None, collect_stats: bool = False):
+    def step(self, closure: Callable | None = None, bs: float | None = None, *, collect_stats: bool = False):
         """One Sophia-G step.
 
         Args:
             closure: optional closure re-evaluating the loss (run with gradients enabled).
-            bs: predictions per step for this call; defaults to each group's ``bs``.
+            bs: predictions per step for this call (examples, or sequences x tokens, x gradient
+                accumulation x world size); defaults to each group's ``bs``. Positional as in the
+                reference: ``step(None, bs)``.
             collect_stats: also record the win rate (fraction of coordinates not clipped) and the
                 RMS of the clipping ratio as 0-d tensors for :meth:`stats`; no host sync.
+
+        Raises:
+            ValueError: before anything changes, for a ``bs`` that is not a positive number, or
+                when neither this call nor a group with gradients gives one.
         """
         if bs is not None:
             check_positive("bs", bs)
         return self._step(closure, collect_stats, bs=bs)
+
+    def _check_step(self, bs: float | None = None) -> None:
+        if bs is not None:
+            return
+        groups = self.param_groups
+        missing = [i for i, g in enumerate(groups) if g["bs"] is None and any(p.grad is not None for p in g["params"])]
+        if missing:
+            raise ValueError(
+                "SophiaG needs bs, the number of predictions per optimizer step (examples, or sequences x "
+                "tokens, x gradient accumulation x world size): the clipping scale is gamma = rho * bs. "
+                f"Pass step(bs=n), or SophiaG(..., bs=n) (parameter group(s) {missing} have none)"
+            )
 
     def _update_group(self, group, params, grads, exp_avgs, hessians, state_steps, masks, stats, bs=None):
         sophia_g(
@@ -168,7 +219,7 @@ class SophiaG(_SophiaBase):
             hessians,
             state_steps,
             foreach=group["foreach"],
-            lr=group["lr"],
+            lr=lr_value(group["lr"]),
             beta1=group["betas"][0],
             weight_decay=group["weight_decay"],
             scale=group["rho"] * (group["bs"] if bs is None else bs),
@@ -194,11 +245,12 @@ def sophia_g(
 ) -> None:
     """Functional Sophia-G step over lists of tensors (see :class:`SophiaG`); ``scale`` is ``rho * bs``.
 
-    ``foreach`` picks the kernel (``None``: multi-tensor when all ``params`` are on CUDA). With a
-    ``stats`` list the single-tensor kernel runs and appends, per tensor, the number of unclipped
+    ``foreach`` picks the kernel (``None``: multi-tensor when all ``params`` are on CUDA). Each
+    update is computed in the widest of float32 and the tensors' dtypes and written back with one
+    rounding. With a ``stats`` list, either kernel appends, per tensor, the number of unclipped
     coordinates and the sum of the squared clipping ratios (0-d tensors).
     """
-    if stats is None and use_foreach(foreach, params):
+    if use_foreach(foreach, params):
         func = _multi_tensor_sophia_g
     else:
         func = _single_tensor_sophia_g
@@ -221,32 +273,49 @@ def _single_tensor_sophia_g(
     params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, weight_decay, scale, maximize, stats
 ):
     for param, grad, exp_avg, hess, step_t in zip(params, grads, exp_avgs, hessians, state_steps):
+        dtype = compute_dtype(param.dtype, exp_avg.dtype, hess.dtype)
+        # float32/float64 tensors are updated in place; narrower ones through wider copies
+        p, m, h = (t if t.dtype == dtype else t.to(dtype) for t in (param, exp_avg, hess))
         if maximize:
             grad = -grad
         step_t += 1
-        param.mul_(1 - lr * weight_decay)
-        exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        denom = (hess * scale).clamp_(min=0).add_(EPS)
-        ratio = (exp_avg.abs() / denom).clamp_(max=1)
+        p.mul_(1 - lr * weight_decay)
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        denom = (h * scale).clamp_(min=0).add_(EPS)
+        ratio = (m.abs() / denom).clamp_(max=1)
         if stats is not None:
-            stats.append(((ratio < 1).sum(), ratio.float().square().sum()))
-        param.addcmul_(exp_avg.sign(), ratio, value=-lr)
+            stats.append(_ratio_stats(ratio))
+        p.addcmul_(m.sign(), ratio, value=-lr)
+        for target, work in ((param, p), (exp_avg, m)):
+            if work is not target:  # one rounding into the narrower dtype
+                target.copy_(work)
 
 
 def _multi_tensor_sophia_g(
     params, grads, exp_avgs, hessians, state_steps, *, lr, beta1, weight_decay, scale, maximize, stats
 ):
     for ps, gs, ms, hs, steps in by_device_and_dtype(params, grads, exp_avgs, hessians, state_steps):
+        dtype = compute_dtype(ps[0].dtype, ms[0].dtype, hs[0].dtype)
+        pw, gw, mw, hw = (widened(ts, dtype) for ts in (ps, gs, ms, hs))
         if maximize:
-            gs = torch._foreach_neg(gs)
+            gw = torch._foreach_neg(gw)
         torch._foreach_add_(steps, 1)
-        torch._foreach_mul_(ps, 1 - lr * weight_decay)
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1 - beta1)
-        denom = torch._foreach_mul(hs, scale)
+        torch._foreach_mul_(pw, 1 - lr * weight_decay)
+        torch._foreach_mul_(mw, beta1)
+        torch._foreach_add_(mw, gw, alpha=1 - beta1)
+        denom = torch._foreach_mul(hw, scale)
         torch._foreach_clamp_min_(denom, 0.0)
         torch._foreach_add_(denom, EPS)
-        ratio = torch._foreach_abs(ms)
+        ratio = torch._foreach_abs(mw)
         torch._foreach_div_(ratio, denom)
         torch._foreach_clamp_max_(ratio, 1.0)
-        torch._foreach_addcmul_(ps, torch._foreach_sign(ms), ratio, value=-lr)
+        if stats is not None:
+            stats.extend(_ratio_stats(r) for r in ratio)
+        torch._foreach_addcmul_(pw, torch._foreach_sign(mw), ratio, value=-lr)
+        write_back(ps, pw)
+        write_back(ms, mw)
+
+
+def _ratio_stats(ratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unclipped coordinates (ratio < 1) and the sum of squared ratios of one tensor (0-d tensors)."""
+    return (ratio < 1).sum(), ratio.float().square().sum()

@@ -18,16 +18,21 @@ from ._base import _SophiaBase
 from ._common import (
     by_device_and_dtype,
     check_betas,
+    check_capturable,
     check_foreach,
+    check_lr,
     check_nonneg,
     check_positive,
+    compute_dtype,
     get_value,
+    lr_value,
+    parse_dtype,
     use_foreach,
+    widened,
+    write_back,
 )
 
 __all__ = ["SophiaH", "sophia_h"]
-
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}
 
 
 class SophiaH(_SophiaBase):
@@ -52,22 +57,33 @@ class SophiaH(_SophiaBase):
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (default 3e-3, the reference experiment's peak).
+        lr: learning rate (default 3e-3, the reference experiment's peak); a number, or a
+            1-element tensor (read once per step) as in ``torch.optim``.
         betas: :math:`(\beta_1, \beta_2)` (default (0.965, 0.99)).
         gamma: Hessian scale :math:`\gamma` (default 0.01).
         eps: floor :math:`\epsilon` of the denominator (default 1e-8).
         weight_decay: decoupled weight decay :math:`\lambda` (default 1e-4, the reference's
             ``sophia_h`` default).
         clip_threshold: :math:`c` (default 1.0); ``None`` disables clipping.
-        mu_dtype: dtype of ``exp_avg`` (default ``None``: the parameter's); ``torch.bfloat16``
-            (or ``"bf16"``) halves its memory, as in the reference experiment. As in the reference,
-            the new momentum is formed in the wider of the two dtypes, used unrounded by the step
-            and stored in ``mu_dtype``.
+        mu_dtype: dtype of ``exp_avg`` (default ``None``: float32 for bf16/fp16 parameters, else
+            the parameter's); ``torch.bfloat16`` (or ``"bf16"``) halves its memory, as in the
+            reference experiment. As in the reference, the new momentum is formed in the wider
+            dtype, used unrounded by the step and stored in ``mu_dtype``.
+        hessian_dtype: dtype of the Hessian EMA ``hessian`` (default ``None``: float32 for
+            bf16/fp16 parameters, else the parameter's). A bf16 EMA stalls: 2,000 updates of a
+            constant 0.8 from zero with ``beta2=0.99`` end at 0.586 (float32 state: 0.8008, bf16's
+            0.8); pass the parameters' dtype only to save its memory.
         foreach: ``True``: multi-tensor kernels (``torch._foreach_*``); ``False``: a loop over
             tensors; ``None`` (default): multi-tensor when all parameters are on CUDA, as in
-            ``torch.optim``. Both run the same operations (bit-identical on CPU). Groups whose
-            ``mu_dtype`` differs from the parameters' dtype, and steps with ``collect_stats=True``,
-            use the loop.
+            ``torch.optim``. Both run the same operations (bit-identical on CPU), with any state
+            dtypes and with ``collect_stats=True``.
+        capturable: ``False`` only (``torch.optim``'s keyword); for a graph-captured step use
+            ``torch.compile(optimizer.step)``.
+
+    **Precision.** Each update is computed in the widest of float32, the parameter's and the
+    state's dtypes (float32 for bf16/fp16 parameters: fp16 cannot hold ``eps=1e-8``, and a zero
+    gradient over a zero Hessian would be 0/0) and written to the parameter with one rounding;
+    float32 and float64 parameters with their default state run unchanged.
 
     A call sequence ``update_hessian(d); step()`` is one reference update with
     ``update_preconditioner=True``; ``step()`` alone is one with ``False``. Each tensor is bias
@@ -93,7 +109,9 @@ class SophiaH(_SophiaBase):
         clip_threshold: float | None = 1.0,
         *,
         mu_dtype: torch.dtype | str | None = None,
+        hessian_dtype: torch.dtype | str | None = None,
         foreach: bool | None = None,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -103,12 +121,14 @@ class SophiaH(_SophiaBase):
             weight_decay=weight_decay,
             clip_threshold=clip_threshold,
             mu_dtype=mu_dtype,
+            hessian_dtype=hessian_dtype,
             foreach=foreach,
+            capturable=capturable,
         )
         super().__init__(params, defaults)
 
     def _check_options(self, options: dict) -> None:
-        check_nonneg("learning rate", options["lr"])
+        check_lr(options["lr"])
         check_betas(options["betas"])
         options["betas"] = tuple(options["betas"])
         check_nonneg("gamma", options["gamma"])
@@ -116,40 +136,10 @@ class SophiaH(_SophiaBase):
         check_nonneg("weight_decay", options["weight_decay"])
         if options["clip_threshold"] is not None:
             check_positive("clip_threshold", options["clip_threshold"])
-        options["mu_dtype"] = _parse_dtype(options["mu_dtype"])
+        options["mu_dtype"] = parse_dtype("mu_dtype", options["mu_dtype"])
+        options["hessian_dtype"] = parse_dtype("hessian_dtype", options["hessian_dtype"])
         check_foreach(options["foreach"])
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:  # a name such as "bf16" from an older state dict
-            group["mu_dtype"] = _parse_dtype(group["mu_dtype"])
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """``torch.optim.Optimizer.load_state_dict``, keeping a ``mu_dtype`` momentum and the int8 mask.
-
-        The base class casts every state tensor but ``step`` to the parameter's dtype; the momentum
-        (in ``mu_dtype``) and FlatSophia's mask (int8) are taken again from the saved tensors here, so
-        a momentum wider than the parameters (float32 under bfloat16) keeps every bit.
-        """
-        saved = state_dict["state"]
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        pairs = [(p, g) for g in self.param_groups for p in g["params"]]
-        for pid, (p, group) in zip(saved_ids, pairs):
-            old = saved.get(pid, {})
-            if "exp_avg" in old:
-                self.state[p]["exp_avg"] = old["exp_avg"].to(device=p.device, dtype=group["mu_dtype"] or p.dtype)
-            if "mask" in old:
-                self.state[p]["mask"] = old["mask"].to(device=p.device, dtype=torch.int8)
-
-    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            mu_dtype = group["mu_dtype"] or p.dtype
-            state["exp_avg"] = torch.zeros_like(p, dtype=mu_dtype, memory_format=torch.preserve_format)
-            state["hessian"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+        check_capturable(type(self).__name__, options["capturable"])
 
     @torch.no_grad()
     def update_hessian(self, estimates: Sequence[torch.Tensor | None]) -> bool:
@@ -178,7 +168,7 @@ class SophiaH(_SophiaBase):
             state_steps,
             masks or None,
             foreach=group["foreach"],
-            lr=group["lr"],
+            lr=lr_value(group["lr"]),
             beta1=group["betas"][0],
             gamma=group["gamma"],
             eps=group["eps"],
@@ -208,12 +198,12 @@ def sophia_h(
     """Functional Sophia-H step over lists of tensors (see :class:`SophiaH`).
 
     ``masks`` (FlatSophia): int8 tensors the clipped direction is divided by. ``foreach`` picks the
-    kernel (``None``: multi-tensor when all ``params`` are on CUDA); the single-tensor kernel runs
-    when an ``exp_avg`` has another dtype than its parameter (``mu_dtype``) or a ``stats`` list is
-    given, to which it appends, per tensor, the number of unclipped coordinates and the sum of the
+    kernel (``None``: multi-tensor when all ``params`` are on CUDA). Each update is computed in the
+    widest of float32 and the tensors' dtypes and written back with one rounding. With a ``stats``
+    list, either kernel appends, per tensor, the number of unclipped coordinates and the sum of the
     squared final direction (0-d tensors).
     """
-    if stats is None and use_foreach(foreach, params) and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params)):
+    if use_foreach(foreach, params):
         func = _multi_tensor_sophia_h
     else:
         func = _single_tensor_sophia_h
@@ -239,26 +229,26 @@ def _single_tensor_sophia_h(
     stats,
 ):
     for i, (param, grad, exp_avg, hess, step_t) in enumerate(zip(params, grads, exp_avgs, hessians, state_steps)):
+        dtype = compute_dtype(param.dtype, exp_avg.dtype, hess.dtype)
+        # float32/float64 tensors are updated in place; narrower ones through wider copies
+        p, mu, h = (t if t.dtype == dtype else t.to(dtype) for t in (param, exp_avg, hess))
         step_t += 1
         bias_correction = _bias_correction(beta1, step_t)
-        if exp_avg.dtype == param.dtype:
-            mu = exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
-        else:  # mu_dtype: formed in the wider dtype, stored rounded, used unrounded
-            mu = exp_avg.to(torch.promote_types(param.dtype, exp_avg.dtype))
-            mu.mul_(beta1).add_(grad, alpha=1 - beta1)
-            exp_avg.copy_(mu)
+        mu.mul_(beta1).add_(grad, alpha=1 - beta1)
         u = mu / bias_correction
-        u.div_((hess * gamma).clamp_(min=eps))
-        if stats is not None:
-            kept = (u.abs() < clip_threshold).sum() if clip_threshold is not None else torch.tensor(u.numel())
+        u.div_((h * gamma).clamp_(min=max(eps, torch.finfo(dtype).tiny)))  # eps > 0 also in dtype: no 0/0
+        kept = _kept(u, clip_threshold) if stats is not None else None
         if clip_threshold is not None:
             u.clamp_(-clip_threshold, clip_threshold)
         if masks is not None:
             u.div_(masks[i])
         if stats is not None:
-            stats.append((kept.to(u.device), u.float().square().sum()))
-        u.add_(param, alpha=weight_decay)
-        param.add_(u, alpha=-lr)
+            stats.append((kept, u.float().square().sum()))
+        u.add_(p, alpha=weight_decay)
+        p.add_(u, alpha=-lr)
+        for target, work in ((param, p), (exp_avg, mu)):
+            if work is not target:  # one rounding into the narrower dtype
+                target.copy_(work)
 
 
 def _multi_tensor_sophia_h(
@@ -267,21 +257,35 @@ def _multi_tensor_sophia_h(
 ):
     lists = [params, grads, exp_avgs, hessians, state_steps] + ([masks] if masks is not None else [])
     for ps, gs, ms, hs, steps, *rest in by_device_and_dtype(*lists):
+        dtype = compute_dtype(ps[0].dtype, ms[0].dtype, hs[0].dtype)
+        pw, gw, mw, hw = (widened(ts, dtype) for ts in (ps, gs, ms, hs))
         torch._foreach_add_(steps, 1)
         bias_corrections = [_bias_correction(beta1, s) for s in steps]
-        torch._foreach_mul_(ms, beta1)
-        torch._foreach_add_(ms, gs, alpha=1 - beta1)
-        u = torch._foreach_div(ms, bias_corrections)
-        denom = torch._foreach_mul(hs, gamma)
-        torch._foreach_clamp_min_(denom, eps)
+        torch._foreach_mul_(mw, beta1)
+        torch._foreach_add_(mw, gw, alpha=1 - beta1)
+        u = torch._foreach_div(mw, bias_corrections)
+        denom = torch._foreach_mul(hw, gamma)
+        torch._foreach_clamp_min_(denom, max(eps, torch.finfo(dtype).tiny))
         torch._foreach_div_(u, denom)
+        kept = [_kept(x, clip_threshold) for x in u] if stats is not None else None
         if clip_threshold is not None:
             torch._foreach_clamp_min_(u, -clip_threshold)
             torch._foreach_clamp_max_(u, clip_threshold)
         if rest:
             torch._foreach_div_(u, rest[0])
-        torch._foreach_add_(u, ps, alpha=weight_decay)
-        torch._foreach_add_(ps, u, alpha=-lr)
+        if stats is not None:
+            stats.extend((k, x.float().square().sum()) for k, x in zip(kept, u))
+        torch._foreach_add_(u, pw, alpha=weight_decay)
+        torch._foreach_add_(pw, u, alpha=-lr)
+        write_back(ps, pw)
+        write_back(ms, mw)
+
+
+def _kept(u: torch.Tensor, clip_threshold: float | None) -> torch.Tensor:
+    """Coordinates of the direction ``u`` (before the clip) that the clip leaves alone, as a 0-d tensor."""
+    if clip_threshold is None:
+        return torch.tensor(u.numel(), device=u.device)
+    return (u.abs() < clip_threshold).sum()
 
 
 def _bias_correction(beta1: float, step_t: torch.Tensor) -> float | torch.Tensor:
@@ -291,16 +295,3 @@ def _bias_correction(beta1: float, step_t: torch.Tensor) -> float | torch.Tensor
     if isinstance(step, torch.Tensor):
         step = step.to(torch.float64)
     return 1 - beta1**step
-
-
-def _parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
-    """``mu_dtype`` as a floating ``torch.dtype`` (or ``None``); names such as ``"bf16"`` are accepted."""
-    if isinstance(value, str):
-        attr = _DTYPE_ALIASES.get(value, value).removeprefix("torch.")
-        parsed = getattr(torch, attr, None)
-        if not isinstance(parsed, torch.dtype) or not parsed.is_floating_point:
-            raise ValueError(f"Invalid mu_dtype: {value!r} (expected one of bfloat16, float16, float32, float64)")
-        return parsed
-    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
-        raise ValueError(f"Invalid mu_dtype: {value!r} (expected None or a floating torch.dtype)")
-    return value
