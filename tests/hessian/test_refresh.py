@@ -3,6 +3,7 @@ the reduce hook, checkpoints (weights_only) and equality with a hand-written loo
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -221,4 +222,55 @@ def test_gnb_refresher_samples_from_its_own_generator():
     got = r.estimate(lambda: model(x), lambda out: _loss(out, y))
     want = GaussNewtonBartlett(seed=3)(lambda: model(x), None, opt.hessian_params())
     for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+#: Every refresh form: (optimizer, hvp, shares the training forward).
+FORMS = [
+    ("sophia_h", "autograd", False),
+    ("sophia_h", "autograd", True),
+    ("sophia_g", "autograd", False),
+    ("sophia_g", "autograd", True),
+    ("sophia_h", "finite_difference", False),
+]
+
+
+def _bn_loop(name, hvp, share, refresh):
+    """Six steps of a BatchNorm network; with ``refresh`` a refresh on every step whose estimate is
+    thrown away, so the parameters follow the training gradients alone, as without a refresh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    opt = get_spec(name).cls(model.parameters(), lr=1e-1)
+    refresher = HessianRefresher(opt, model=model, every_k=1, hvp=hvp, seed=1)
+    refresher.apply = lambda estimates: seen.append(estimates)
+    seen = []
+    for step, (x, y) in enumerate(_batches(6)):
+        forward, loss_fn = (lambda x=x: model(x)), (lambda out, y=y: _loss(out, y))
+        estimates = None
+        if refresh and share:
+            assert refresher.shares_forward(step)
+            _, estimates = refresher.forward_backward(forward, loss_fn)
+        else:
+            with refresher.training_pass(step) if refresh else contextlib.nullcontext():
+                loss_fn(forward()).backward()
+        if refresh:
+            assert refresher.maybe_refresh(step, forward, loss_fn, estimates)
+        opt.step(**({"bs": 8} if isinstance(opt, SophiaG) else {}))
+        opt.zero_grad(set_to_none=True)
+    assert len(seen) == (6 if refresh else 0)
+    return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize(
+    ("name", "hvp", "share"), FORMS, ids=[f"{n}-{h}-{'shared' if s else 'fresh'}" for n, h, s in FORMS]
+)
+def test_no_refresh_form_changes_the_buffers(name, hvp, share):
+    """BatchNorm's running statistics and batch counter end as in a loop without refreshes: a fresh
+    forward's updates are undone, and a shared forward, being the training forward itself, updates
+    them exactly once per step, as training does."""
+    params, buffers = _bn_loop(name, hvp, share, refresh=True)
+    ref_params, ref_buffers = _bn_loop(name, hvp, share, refresh=False)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    assert ref_buffers[-1].item() == 6  # num_batches_tracked: one per training forward
+    for a, b in zip(buffers, ref_buffers):
         assert torch.equal(a, b)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flatsophia.sharding import any_dtensor
 
-from .base import HessianEstimator, grads_set_aside
+from .base import HessianEstimator, grads_set_aside, preserved_buffers
 
 
 class GaussNewtonBartlett(HessianEstimator):
@@ -44,16 +44,18 @@ class GaussNewtonBartlett(HessianEstimator):
         *,
         module: torch.nn.Module | None = None,
     ) -> list[torch.Tensor | None]:
-        """``ghat`` per parameter. ``module`` (sharded parameters only): the network, whose other
+        """``ghat`` per parameter. ``module``: the network, whose buffers (BatchNorm statistics)
+        the extra forward leaves as they were, and, with sharded parameters, whose other
         parameters' ``.grad`` the backward must not change either."""
         params = list(params)
-        if any_dtensor(params):
-            with grads_set_aside(params, module) as taken, torch.enable_grad():
-                self.sampled_loss(forward(), valid_mask).backward()
-            return taken
-        with torch.enable_grad():
-            loss = self.sampled_loss(forward(), valid_mask)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with preserved_buffers(module):
+            if any_dtensor(params):
+                with grads_set_aside(params, module) as taken, torch.enable_grad():
+                    self.sampled_loss(forward(), valid_mask).backward()
+                return taken
+            with torch.enable_grad():
+                loss = self.sampled_loss(forward(), valid_mask)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
         return list(grads)
 
     def from_loss(

@@ -128,8 +128,8 @@ class Hutchinson(HessianEstimator):
     ) -> list[torch.Tensor | None]:
         """``v * (H v)`` for ``loss_fn(forward())``, one entry per parameter.
 
-        ``module`` (finite differences only): the network whose buffers both extra passes leave
-        untouched (BatchNorm statistics); the global RNG stream is left untouched too, and both
+        ``module``: the network whose buffers (BatchNorm statistics) the extra forward passes leave
+        as they were. With finite differences the global RNG stream is left untouched too, and both
         passes see the same dropout masks.
         """
         params = list(params)
@@ -139,7 +139,7 @@ class Hutchinson(HessianEstimator):
             return self.finite_difference(grads, forward, loss_fn, params, rng_state=state, module=module)
         if any_dtensor(params):
             raise ValueError(SHARDED_AUTOGRAD)
-        with torch.enable_grad(), math_attention(self.math_sdpa):
+        with preserved_buffers(module), torch.enable_grad(), math_attention(self.math_sdpa):
             loss = loss_fn(forward())
             return self.from_loss(loss, params)[1]
 

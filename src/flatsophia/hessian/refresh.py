@@ -107,8 +107,11 @@ class HessianRefresher:
         estimator: ``"auto"`` (the one the optimizer consumes), that estimator's name (anything else
             raises ``ValueError`` listing the valid combinations), or a
             :class:`~flatsophia.hessian.base.HessianEstimator` instance of the right kind.
-        model: the network (unwrapped, not the DDP wrapper); needed for ``hvp="finite_difference"``,
-            whose perturbed pass restores its buffers (BatchNorm statistics).
+        model: the network (unwrapped, not the DDP wrapper), whose buffers (BatchNorm running
+            statistics and batch counter) every refresh's extra forward leaves as they were: pass
+            it whenever the network has buffers (needed for ``hvp="finite_difference"``). A shared
+            forward (:meth:`forward_backward`) is the training forward itself, which updates them
+            once, as training without a refresh does.
         every_k: refresh at every ``every_k``-th optimizer step (steps 0, k, 2k, ...).
         refresh_prob: instead, refresh each step with this probability (always at step 0), drawn
             from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
@@ -337,7 +340,8 @@ class HessianRefresher:
                 module=self.model,
                 loss_divisor=record.loss_divisor,
             )
-        kwargs = {"module": self.model} if self.sharded else {}  # whose other .grad a backward must keep
+        # module: whose buffers the extra forward keeps (and, sharded, whose other .grad a backward keeps)
+        kwargs = {"module": self.model} if self.model is not None else {}
         return self._run(lambda: self.estimator(forward, loss_fn, params, **kwargs))
 
     def _run(self, fn):
