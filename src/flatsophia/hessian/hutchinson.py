@@ -125,12 +125,14 @@ class Hutchinson(HessianEstimator):
         params: Sequence[torch.Tensor],
         *,
         module: torch.nn.Module | None = None,
+        loss_scale: float = 1.0,
     ) -> list[torch.Tensor | None]:
         """``v * (H v)`` for ``loss_fn(forward())``, one entry per parameter.
 
         ``module``: the network whose buffers (BatchNorm statistics) the extra forward passes leave
         as they were. With finite differences the global RNG stream is left untouched too, and both
-        passes see the same dropout masks.
+        passes see the same dropout masks. ``loss_scale``: see :meth:`from_loss` (the autograd
+        form; the finite difference runs in 32-bit precision, where no loss scaling is needed).
         """
         params = list(params)
         if self.hvp == "finite_difference":
@@ -141,10 +143,15 @@ class Hutchinson(HessianEstimator):
             raise ValueError(SHARDED_AUTOGRAD)
         with preserved_buffers(module), torch.enable_grad(), math_attention(self.math_sdpa):
             loss = loss_fn(forward())
-            return self.from_loss(loss, params)[1]
+            return self.from_loss(loss, params, loss_scale=loss_scale)[1]
 
     def from_loss(
-        self, loss: torch.Tensor, params: Sequence[torch.Tensor], logits: torch.Tensor | None = None
+        self,
+        loss: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        logits: torch.Tensor | None = None,
+        *,
+        loss_scale: float = 1.0,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Gradients and estimates from an already computed ``loss`` (one forward saved).
 
@@ -153,9 +160,15 @@ class Hutchinson(HessianEstimator):
         gradients enabled (and, for attention, under :func:`~flatsophia.hessian.base.math_attention`).
         ``logits`` is accepted (and unused) so that both estimators share one call signature.
 
+        ``loss_scale``: differentiate ``loss * loss_scale`` (a ``torch.amp.GradScaler``'s scale,
+        keeping float16 gradients from underflowing); the gradients come back scaled, as
+        ``scaler.scale(loss).backward()`` leaves ``.grad``, and the estimates divided by it
+        (exact for the scaler's powers of two; an overflow leaves them non-finite, which
+        ``update_hessian`` skips).
+
         Returns:
-            ``(grads, estimates)``: the detached gradient of ``loss`` and ``v * (H v)`` per parameter
-            (``None`` where the loss does not reach the parameter).
+            ``(grads, estimates)``: the detached gradient of ``loss * loss_scale`` and ``v * (H v)``
+            per parameter (``None`` where the loss does not reach the parameter).
         """
         if self.hvp != "autograd":
             raise ValueError(
@@ -166,6 +179,8 @@ class Hutchinson(HessianEstimator):
         if any_dtensor(params):
             raise ValueError(SHARDED_AUTOGRAD)
         with torch.enable_grad():
+            if loss_scale != 1:
+                loss = loss * loss_scale
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         out: list[torch.Tensor | None] = [None] * len(params)
@@ -183,9 +198,9 @@ class Hutchinson(HessianEstimator):
             for i, v, hv in zip(live, vs, hvs):
                 d = torch.zeros_like(v) if hv is None else v.mul_(hv)
                 out[i] = d if out[i] is None else out[i].add_(d)
-        if self.n_probes > 1:
+        if self.n_probes > 1 or loss_scale != 1:
             for i in live:
-                out[i].div_(self.n_probes)
+                out[i].div_(self.n_probes * loss_scale)
         # A parameter reached by the loss only linearly has a zero Hessian diagonal.
         for i, g in enumerate(grads):
             if g is not None and not g.requires_grad:
