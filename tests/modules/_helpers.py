@@ -82,18 +82,43 @@ def loader(ds, batch_size: int = 8) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
-class DumpState(L.Callback):
-    """Writes every rank's parameters and optimizer state to ``out/rank{r}.pt`` at the end of fit,
-    with the unclipped fraction (``win_rate``) of every step that collected statistics."""
+class RecordWinRates(L.Callback):
+    """Records the unclipped fraction (``win_rate``) after every step that collected statistics."""
 
-    def __init__(self, out: str):
-        self.out = out
+    def __init__(self):
         self.win_rates: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         stats = trainer.optimizers[0].stats() if hasattr(trainer.optimizers[0], "stats") else {}
         if "win_rate" in stats:
             self.win_rates.append(stats["win_rate"].item())
+
+
+def sum_as_ranks(net: nn.Module, world: int = 2) -> nn.Module:
+    """Make one process sum as ``world`` data-parallel ranks reading :class:`InterleavedSampler`'s
+    rows do: each rank's rows (r, r + world, ...) go through ``net`` on their own. With a mean loss
+    each part's gradient is then a rank's own divided by ``world`` (exact for a power of two), and
+    autograd adds the parts as the ranks' reduction adds their pre-divided gradients."""
+    forward = net.forward
+
+    def by_rank(x):
+        out = [forward(x[r::world].contiguous()) for r in range(world)]  # as a rank's own batch
+        full = out[0].new_empty((x.shape[0], *out[0].shape[1:]))
+        for r, o in enumerate(out):
+            full[r::world] = o
+        return full
+
+    net.forward = by_rank
+    return net
+
+
+class DumpState(RecordWinRates):
+    """Writes every rank's parameters and optimizer state to ``out/rank{r}.pt`` at the end of fit,
+    with the unclipped fraction (``win_rate``) of every step that collected statistics."""
+
+    def __init__(self, out: str):
+        super().__init__()
+        self.out = out
 
     def on_train_end(self, trainer, pl_module):
         torch.save(
