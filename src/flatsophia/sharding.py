@@ -113,14 +113,15 @@ def wrap_like(t: torch.Tensor, like):
     return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride())
 
 
-def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of all ``tensors`` together, in float32; DTensors' shards summed over their ranks (one
-    all-reduce of a scalar, no gather)."""
-    norms = torch.stack([torch.linalg.vector_norm(local(t).float()) for t in tensors])
-    groups = shard_group(tensors)
-    if groups is None:
-        return torch.linalg.vector_norm(norms)
-    return all_reduce_sum(norms.square().sum(), groups).sqrt()
+def global_norm(tensors: Sequence[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """L2 norm of all ``tensors`` together, computed in ``dtype``; DTensors' shards summed over their
+    ranks (one all-reduce of a scalar, no gather).
+
+    Computed the same way sharded or not: each (local) tensor's norm in ``dtype``, squared and
+    summed, the sum all-reduced when sharded, then the square root. A sharded result and a
+    one-process one still differ in the last bits (a shard's norm sums fewer terms)."""
+    norms = torch.stack([torch.linalg.vector_norm(local(t).detach().to(dtype)) for t in tensors])
+    return all_reduce_sum(norms.square().sum(), shard_group(tensors)).sqrt()
 
 
 def fully_shard_blocks(module: torch.nn.Module, mesh) -> torch.nn.Module:

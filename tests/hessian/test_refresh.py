@@ -3,6 +3,7 @@ the reduce hook, checkpoints (weights_only) and equality with a hand-written loo
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -222,3 +223,133 @@ def test_gnb_refresher_samples_from_its_own_generator():
     want = GaussNewtonBartlett(seed=3)(lambda: model(x), None, opt.hessian_params())
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+#: Every refresh form: (optimizer, hvp, shares the training forward).
+FORMS = [
+    ("sophia_h", "autograd", False),
+    ("sophia_h", "autograd", True),
+    ("sophia_g", "autograd", False),
+    ("sophia_g", "autograd", True),
+    ("sophia_h", "finite_difference", False),
+]
+
+
+def _bn_loop(name, hvp, share, refresh):
+    """Six steps of a BatchNorm network; with ``refresh`` a refresh on every step whose estimate is
+    thrown away, so the parameters follow the training gradients alone, as without a refresh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    opt = get_spec(name).cls(model.parameters(), lr=1e-1)
+    refresher = HessianRefresher(opt, model=model, every_k=1, hvp=hvp, seed=1)
+    refresher.apply = lambda estimates: seen.append(estimates)
+    seen = []
+    for step, (x, y) in enumerate(_batches(6)):
+        forward, loss_fn = (lambda x=x: model(x)), (lambda out, y=y: _loss(out, y))
+        estimates = None
+        if refresh and share:
+            assert refresher.shares_forward(step)
+            _, estimates = refresher.forward_backward(forward, loss_fn)
+        else:
+            with refresher.training_pass(step) if refresh else contextlib.nullcontext():
+                loss_fn(forward()).backward()
+        if refresh:
+            assert refresher.maybe_refresh(step, forward, loss_fn, estimates)
+        opt.step(**({"bs": 8} if isinstance(opt, SophiaG) else {}))
+        opt.zero_grad(set_to_none=True)
+    assert len(seen) == (6 if refresh else 0)
+    return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()]
+
+
+@pytest.mark.parametrize(
+    ("name", "hvp", "share"), FORMS, ids=[f"{n}-{h}-{'shared' if s else 'fresh'}" for n, h, s in FORMS]
+)
+def test_no_refresh_form_changes_the_buffers(name, hvp, share):
+    """BatchNorm's running statistics and batch counter end as in a loop without refreshes: a fresh
+    forward's updates are undone, and a shared forward, being the training forward itself, updates
+    them exactly once per step, as training does."""
+    params, buffers = _bn_loop(name, hvp, share, refresh=True)
+    ref_params, ref_buffers = _bn_loop(name, hvp, share, refresh=False)
+    assert all(torch.equal(a, b) for a, b in zip(params, ref_params))
+    assert ref_buffers[-1].item() == 6  # num_batches_tracked: one per training forward
+    for a, b in zip(buffers, ref_buffers):
+        assert torch.equal(a, b)
+
+
+def _fp16_refresh(name, share, scaler, x, y):
+    """One refresh under float16 autocast on CPU: the estimate and the unscaled training gradient."""
+    model = _model()
+    opt = get_spec(name).cls(model.parameters(), lr=1e-2)
+    refresher = HessianRefresher(opt, model=model, every_k=1, seed=3, scaler=scaler)
+    seen = []
+    refresher.apply = seen.append
+    forward, loss_fn = (lambda: model(x)), (lambda out: _loss(out, y))
+    with torch.autocast("cpu", dtype=torch.float16):
+        estimates = None
+        if share:
+            _, estimates = refresher.forward_backward(forward, loss_fn)
+        else:
+            loss = loss_fn(forward())
+            (scaler.scale(loss) if scaler else loss).backward()
+        refresher.maybe_refresh(0, forward, loss_fn, estimates)
+    if scaler:
+        scaler.unscale_(opt)
+    return seen[0], [p.grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "fresh"])
+@pytest.mark.parametrize("name", ["sophia_h", "sophia_g"])
+def test_grad_scaler_estimates_are_unscaled(name, share):
+    """With float16 autocast and a GradScaler the estimate and the unscaled training gradient equal
+    those without scaling: the refresh divides what it differentiated by the scale. (The default
+    scale, 65536, overflows this model's float16 weight gradients: the scaler would halve it.)"""
+    x, y = _batches(1)[0]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    est, grads = _fp16_refresh(name, share, scaler, x, y)
+    ref_est, ref_grads = _fp16_refresh(name, share, None, x, y)
+    for a, b in zip(est, ref_est):  # measured: equal
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    for a, b in zip(grads, ref_grads):  # float16 rounding of the unscaled ones: 3.6e-7 of the norm
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)
+    assert all(e.abs().max() > 1e-4 for e in est)
+
+
+def test_grad_scaler_finite_difference_reads_the_scaled_training_gradient():
+    """The training pass back-propagates scaler.scale(loss): the refresh takes the recorded gradient
+    as the scaled one, and the estimate is that of an unscaled loop, bit for bit."""
+    x, y = _batches(1)[0]
+    runs = []
+    for scaler in (torch.amp.GradScaler("cpu"), None):
+        model = _model()
+        opt = SophiaH(model.parameters(), lr=1e-2)
+        refresher = HessianRefresher(opt, model=model, every_k=1, hvp="finite_difference", seed=3, scaler=scaler)
+        refresher.apply = runs.append
+        forward, loss_fn = (lambda model=model: model(x)), (lambda out: _loss(out, y))
+        with refresher.training_pass(0):
+            loss = loss_fn(forward())
+            (scaler.scale(loss) if scaler else loss).backward()
+        refresher.maybe_refresh(0, forward, loss_fn)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_grad_scaler_overflow_skips_the_estimate_as_the_step():
+    """A scale that overflows float16: the estimate is skipped (counted, Hessian state untouched) and
+    the scaler skips the step."""
+    x, y = _batches(1)[0]
+    model = _model()
+    opt = SophiaH(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
+    refresher = HessianRefresher(opt, model=model, every_k=1, seed=3, scaler=scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.autocast("cpu", dtype=torch.float16):
+        _, estimates = refresher.forward_backward(lambda: model(x), lambda out: _loss(out, y))
+    with pytest.warns(RuntimeWarning, match="NaN/inf"):
+        refresher.maybe_refresh(0, None, None, estimates)
+    assert refresher.skipped == 1 and refresher.refreshes == 0
+    assert all("hessian" not in s or not s["hessian"].any() for s in opt.state.values())
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**39 and all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    with pytest.raises(ValueError, match="Invalid scaler: 2.0"):
+        HessianRefresher(opt, scaler=2.0)

@@ -23,6 +23,16 @@ OPT_KWARGS = {
     "soap": dict(lr=1e-2, precondition_frequency=2),
 }
 
+#: The identity tests' settings (DDP, FSDP, resume): most coordinates' updates are not clipped, so
+#: the Hessian estimates reach the parameters (with OPT_KWARGS nearly all are clipped here): a
+#: large gamma (rho), and a floor eps under which the negative Hutchinson estimates' |u| stays
+#: below the clip. ``make_module(..., unclipped=True)``; DumpState records the unclipped fraction.
+UNCLIPPED = {
+    "sophia_g": dict(rho=500),
+    "sophia_h": dict(gamma=1000, eps=0.1),
+    "flat_sophia": dict(gamma=1000, eps=0.1),
+}
+
 
 def dataset(
     n: int = 64, nan_batch: int | None = None, batch_size: int = 8, seed: int = 0, dtype=torch.float32
@@ -35,10 +45,17 @@ def dataset(
     return TensorDataset(x, y)
 
 
-def make_module(name: str, seed: int = 0, dtype=torch.float32, **module_kwargs) -> OptimLitModule:
+def make_module(
+    name: str, seed: int = 0, dtype=torch.float32, unclipped: bool = False, **module_kwargs
+) -> OptimLitModule:
+    """The tiny classifier's module; ``unclipped``: the :data:`UNCLIPPED` settings, and statistics
+    (the unclipped fraction) collected at every step."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
-    factory = functools.partial(get_spec(name).cls, **OPT_KWARGS[name])
+    kwargs = {**OPT_KWARGS[name], **(UNCLIPPED.get(name, {}) if unclipped else {})}
+    if unclipped:
+        module_kwargs.setdefault("log_stats_every", 1)
+    factory = functools.partial(get_spec(name).cls, **kwargs)
     module_kwargs.setdefault("scheduler", {"name": "constant"})
     module_kwargs.setdefault("hessian", {"every_k": 3})
     return OptimLitModule(net, factory, num_classes=3, optimizer_name=name, **module_kwargs)
@@ -65,10 +82,42 @@ def loader(ds, batch_size: int = 8) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False)
 
 
-class DumpState(L.Callback):
-    """Writes every rank's parameters and optimizer state to ``out/rank{r}.pt`` at the end of fit."""
+class RecordWinRates(L.Callback):
+    """Records the unclipped fraction (``win_rate``) after every step that collected statistics."""
+
+    def __init__(self):
+        self.win_rates: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        stats = trainer.optimizers[0].stats() if hasattr(trainer.optimizers[0], "stats") else {}
+        if "win_rate" in stats:
+            self.win_rates.append(stats["win_rate"].item())
+
+
+def sum_as_ranks(net: nn.Module, world: int = 2) -> nn.Module:
+    """Make one process sum as ``world`` data-parallel ranks reading :class:`InterleavedSampler`'s
+    rows do: each rank's rows (r, r + world, ...) go through ``net`` on their own. With a mean loss
+    each part's gradient is then a rank's own divided by ``world`` (exact for a power of two), and
+    autograd adds the parts as the ranks' reduction adds their pre-divided gradients."""
+    forward = net.forward
+
+    def by_rank(x):
+        out = [forward(x[r::world].contiguous()) for r in range(world)]  # as a rank's own batch
+        full = out[0].new_empty((x.shape[0], *out[0].shape[1:]))
+        for r, o in enumerate(out):
+            full[r::world] = o
+        return full
+
+    net.forward = by_rank
+    return net
+
+
+class DumpState(RecordWinRates):
+    """Writes every rank's parameters and optimizer state to ``out/rank{r}.pt`` at the end of fit,
+    with the unclipped fraction (``win_rate``) of every step that collected statistics."""
 
     def __init__(self, out: str):
+        super().__init__()
         self.out = out
 
     def on_train_end(self, trainer, pl_module):
@@ -78,6 +127,7 @@ class DumpState(L.Callback):
                 "optim": trainer.optimizers[0].state_dict(),
                 "refreshes": pl_module.hessian_refreshes,
                 "global_step": trainer.global_step,
+                "win_rates": self.win_rates,
             },
             Path(self.out) / f"rank{trainer.global_rank}.pt",
         )

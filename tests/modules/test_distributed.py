@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 from _helpers import (
+    UNCLIPPED,
     ArgmaxGNBModule,
     BlockSampler,
     DumpState,
@@ -19,6 +20,7 @@ from _helpers import (
     flatten_state,
     make_module,
     max_abs_diff,
+    sum_as_ranks,
     trainer,
 )
 
@@ -38,9 +40,11 @@ def _run(
     **module_kwargs,
 ):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    module = make_module(name, dtype=dtype, **module_kwargs)
+    module = make_module(name, dtype=dtype, unclipped=True, **module_kwargs)
     if module_cls is not None:
         module.__class__ = module_cls
+    if devices == 1:
+        sum_as_ranks(module.net)  # sums as the 2 ranks do
     strategy = "ddp_spawn" if devices > 1 else "auto"
     t = trainer(
         tmp_path,
@@ -60,9 +64,14 @@ def _run(
 def test_ranks_identical_and_match_single_process(tmp_path, name):
     # SOAP takes eigenvectors of nearly rank-deficient Kronecker factors; in float32 the rounding
     # difference between a 2-rank and a 1-rank gradient mean rotates the basis inside (near-)degenerate
-    # eigenspaces and the runs drift (~3e-2 here). In float64 they agree to ~1e-11, so SOAP is checked there.
-    dtype = torch.float64 if name == "soap" else torch.float32
-    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    # eigenspaces and the runs drift (~3e-2 here), so SOAP is checked in float64 (measured: 0).
+    # Hutchinson's estimates (hvp=auto: the finite difference here) are averaged over ranks as
+    # v * Hv_r, against v * Hv on one process: a rounding difference that the mostly unclipped
+    # updates carry to ~5e-5 in float32, 3e-11 to 5e-10 in float64, where they are checked.
+    # Gauss-Newton-Bartlett's estimate is a gradient, averaged as the one process sums it
+    # (sum_as_ranks): bit for bit.
+    dtype = torch.float64 if name in ("soap", "sophia_h", "flat_sophia") else torch.float32
+    tol = 0.0 if name == "sophia_g" else 1e-9 if dtype == torch.float64 else 1e-5
     r0, r1 = _run(tmp_path / "ddp", name, devices=2, batch_size=4, module_cls=ArgmaxGNBModule, dtype=dtype)
     assert r0["global_step"] == r1["global_step"] == STEPS
     # Bit-identical parameters and optimizer state on both ranks (masks, EMAs, eigenbases, steps).
@@ -80,7 +89,17 @@ def test_ranks_identical_and_match_single_process(tmp_path, name):
     # One process over the same global batch (2 x 4 = 8; rank r reads examples r, r + 2, ...).
     (single,) = _run(tmp_path / "single", name, devices=1, batch_size=8, module_cls=ArgmaxGNBModule, dtype=dtype)
     diff = max((r0["params"][k] - single["params"][k]).abs().max().item() for k in r0["params"])
-    assert diff < tol, f"{name}: DDP vs single-process max |param diff| = {diff:.3g}"
+    _report_unclipped(name, diff, single)
+    assert diff <= tol, f"{name}: DDP vs single-process max |param diff| = {diff:.3g}"
+
+
+def _report_unclipped(name, diff, single):
+    rates = single["win_rates"]
+    print(
+        f"{name}: DDP vs one process {diff:.3g}" + (f", unclipped {min(rates):.2f}-{max(rates):.2f}" if rates else "")
+    )
+    if name in UNCLIPPED:
+        assert len(single["win_rates"]) == STEPS and min(single["win_rates"]) > 0.5
 
 
 @pytest.mark.slow
@@ -89,7 +108,11 @@ def test_finite_difference_refresh_ranks_identical_and_match_single_process(tmp_
     """hvp=finite_difference under DDP: each rank replays its own pass at theta + eps v (the same
     eps and probe on every rank, no all-reduce inside), the estimates are averaged, and the ranks
     stay bit-identical. Against one process over the global batch the estimates agree to the
-    finite difference's rounding, amplified by 1/eps: checked in float64, where that is ~1e-8."""
+    finite difference's rounding, amplified by 1/eps (the ranks average v * Hv_r, the one process
+    differences the summed gradients): checked in float64, where the parameters then differ by
+    ~5e-10. This comparison cannot be bit for bit, so it cannot see eps off by 1e-9 relative on the
+    ranks (the step is the same as on one process anyway: DDP's parameters are whole); the ranks'
+    bit-identity can."""
     hessian = {"every_k": 3, "hvp": "finite_difference"}
     dtype = torch.float64
     r0, r1 = _run(tmp_path / "ddp", name, devices=2, batch_size=4, dtype=dtype, hessian=hessian)
@@ -100,7 +123,8 @@ def test_finite_difference_refresh_ranks_identical_and_match_single_process(tmp_
     assert max_abs_diff(flatten_state(r0["optim"]), flatten_state(r1["optim"])) == 0.0
     (single,) = _run(tmp_path / "single", name, devices=1, batch_size=8, dtype=dtype, hessian=hessian)
     diff = max((r0["params"][k] - single["params"][k]).abs().max().item() for k in r0["params"])
-    assert diff < 1e-6, f"{name}: DDP vs single-process max |param diff| = {diff:.3g}"
+    _report_unclipped(name, diff, single)
+    assert diff < 1e-8, f"{name}: DDP vs single-process max |param diff| = {diff:.3g}"
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import signal
 import lightning as L
 import pytest
 import torch
-from _helpers import DumpState, dataset, flatten_state, loader, make_module, max_abs_diff, trainer
+from _helpers import UNCLIPPED, DumpState, dataset, flatten_state, loader, make_module, max_abs_diff, trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flatsophia.optim import OPTIMIZERS
@@ -16,20 +16,25 @@ from flatsophia.optim import OPTIMIZERS
 EPOCHS = 4  # 8 batches per epoch, every_k=3 -> refreshes straddle the checkpoint
 
 
-def _fit(tmp_path, name, epochs, ckpt_path=None, **module_kwargs):
+def _fit(tmp_path, name, epochs, ckpt_path=None, dtype=torch.float32, **module_kwargs):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    module = make_module(name, **module_kwargs)
+    module = make_module(name, dtype=dtype, **module_kwargs)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     t = trainer(tmp_path, callbacks=[ckpt, DumpState(str(tmp_path))], max_epochs=epochs)
-    t.fit(module, loader(dataset(n=64)), ckpt_path=ckpt_path, weights_only=True)
+    t.fit(module, loader(dataset(n=64, dtype=dtype)), ckpt_path=ckpt_path, weights_only=True)
     return torch.load(tmp_path / "rank0.pt", weights_only=True), module
 
 
-CASES = [(n, {}) for n in sorted(OPTIMIZERS)] + [
-    ("flat_sophia", {"hessian": {"refresh_prob": 0.3}}),
-    ("sophia_h", {"hessian": {"every_k": 2, "distribution": "rademacher"}, "accumulate": 2}),
-    ("flat_sophia", {"hessian": {"refresh_prob": 0.3, "hvp": "finite_difference"}}),
-    ("sophia_h", {"hessian": {"every_k": 2, "hvp": "finite_difference"}, "accumulate": 2}),
+#: The Sophia variants run with settings where most updates are not clipped (``unclipped``: at least
+#: 88% of the coordinates at every step here, checked > 50%), so the estimates reach the parameters.
+#: The float64 finite-difference case sees a step eps off by 1e-9 relative (in float32 that is no
+#: change at all: eps is rounded to float32 where it is used).
+CASES = [(n, {"unclipped": True}) for n in sorted(OPTIMIZERS)] + [
+    ("flat_sophia", {"hessian": {"refresh_prob": 0.3}, "unclipped": True}),
+    ("sophia_h", {"hessian": {"every_k": 2, "distribution": "rademacher"}, "accumulate": 2, "unclipped": True}),
+    ("flat_sophia", {"hessian": {"refresh_prob": 0.3, "hvp": "finite_difference"}, "unclipped": True}),
+    ("sophia_h", {"hessian": {"every_k": 2, "hvp": "finite_difference"}, "accumulate": 2, "unclipped": True}),
+    ("flat_sophia", {"hessian": {"every_k": 3, "hvp": "finite_difference"}, "unclipped": True, "dtype": torch.float64}),
 ]
 
 
@@ -42,6 +47,9 @@ def test_resume_is_bit_exact(tmp_path, name, kwargs):
     resumed, module = _fit(tmp_path / "resumed", name, EPOCHS, ckpt_path=str(last), **kwargs)
     assert resumed["global_step"] == straight["global_step"]
     assert resumed["refreshes"] == straight["refreshes"]
+    if name in UNCLIPPED:
+        print(f"{name} {kwargs}: unclipped fraction {min(straight['win_rates']):.2f}-{max(straight['win_rates']):.2f}")
+        assert len(straight["win_rates"]) >= 31 and min(straight["win_rates"]) > 0.5  # after every step
     for key in straight["params"]:
         assert torch.equal(straight["params"][key], resumed["params"][key]), key
     assert max_abs_diff(flatten_state(straight["optim"]), flatten_state(resumed["optim"])) == 0.0

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from flatsophia.sharding import any_dtensor
 
-from .base import HessianEstimator, grads_set_aside
+from .base import HessianEstimator, grads_set_aside, preserved_buffers
 
 
 class GaussNewtonBartlett(HessianEstimator):
@@ -62,18 +62,22 @@ class GaussNewtonBartlett(HessianEstimator):
         valid_mask: torch.Tensor | None = None,
         *,
         module: torch.nn.Module | None = None,
+        loss_scale: float = 1.0,
     ) -> list[torch.Tensor | None]:
-        """``ghat`` per parameter. ``module`` (sharded parameters only): the network, whose other
-        parameters' ``.grad`` the backward must not change either."""
+        """``ghat`` per parameter. ``module``: the network, whose buffers (BatchNorm statistics)
+        the extra forward leaves as they were, and, with sharded parameters, whose other
+        parameters' ``.grad`` the backward must not change either. ``loss_scale``: see
+        :meth:`from_loss`."""
         params = list(params)
-        if any_dtensor(params):
-            with grads_set_aside(params, module) as taken, torch.enable_grad():
-                self.sampled_loss(forward(), valid_mask).backward()
-            return taken
-        with torch.enable_grad():
-            loss = self.sampled_loss(forward(), valid_mask)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        return list(grads)
+        with preserved_buffers(module):
+            if any_dtensor(params):
+                with grads_set_aside(params, module) as taken, torch.enable_grad():
+                    (self.sampled_loss(forward(), valid_mask) * loss_scale).backward()
+                return _unscaled(taken, loss_scale)
+            with torch.enable_grad():
+                loss = self.sampled_loss(forward(), valid_mask) * loss_scale
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return _unscaled(list(grads), loss_scale)
 
     def from_loss(
         self,
@@ -81,6 +85,8 @@ class GaussNewtonBartlett(HessianEstimator):
         params: Sequence[torch.Tensor],
         logits: torch.Tensor | None = None,
         valid_mask: torch.Tensor | None = None,
+        *,
+        loss_scale: float = 1.0,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Training gradients and the sampled-label gradients from ONE forward pass.
 
@@ -91,9 +97,16 @@ class GaussNewtonBartlett(HessianEstimator):
         one extra backward instead of a forward and a backward. With the same generator state
         and a deterministic forward, the estimates equal those of :meth:`__call__`.
 
+        ``loss_scale``: differentiate both losses times ``loss_scale`` (a ``torch.amp.GradScaler``'s
+        scale, keeping float16 gradients from underflowing); the training gradients come back
+        scaled, as ``scaler.scale(loss).backward()`` leaves ``.grad``, and ``ghat`` divided by it
+        (exact for the scaler's powers of two; an overflow leaves it non-finite, which
+        ``update_hessian`` skips).
+
         Returns:
-            ``(grads, estimates)``: the detached gradient of ``loss`` and the sampled-label gradient
-            ``ghat`` per parameter (``None`` where the respective loss does not reach it).
+            ``(grads, estimates)``: the detached gradient of ``loss * loss_scale`` and the
+            sampled-label gradient ``ghat`` per parameter (``None`` where the respective loss does
+            not reach it).
         """
         if logits is None:
             raise ValueError(
@@ -107,10 +120,10 @@ class GaussNewtonBartlett(HessianEstimator):
                 "parameters sharded by FSDP2; call the estimator itself (a separate backward) instead"
             )
         with torch.enable_grad():
-            sampled = self.sampled_loss(logits, valid_mask)
-            grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+            sampled = self.sampled_loss(logits, valid_mask) * loss_scale
+            grads = torch.autograd.grad(loss * loss_scale, params, retain_graph=True, allow_unused=True)
             ghat = torch.autograd.grad(sampled, params, allow_unused=True)
-        return [None if g is None else g.detach() for g in grads], list(ghat)
+        return [None if g is None else g.detach() for g in grads], _unscaled(list(ghat), loss_scale)
 
     def sampled_loss(self, logits: torch.Tensor, valid_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of ``logits`` on labels drawn from their own (detached) softmax."""
@@ -194,3 +207,12 @@ def global_rows(n: int, device: torch.device, group=None) -> tuple[int, int]:
     dist.all_gather(counts, torch.tensor([n], dtype=torch.int64, device=device), group=group)
     counts = [int(c) for c in counts]
     return sum(counts[: dist.get_rank(group)]), sum(counts)
+
+
+def _unscaled(grads: list[torch.Tensor | None], loss_scale: float) -> list[torch.Tensor | None]:
+    """``grads`` divided by ``loss_scale`` in place (``None`` entries kept)."""
+    if loss_scale != 1:
+        for g in grads:
+            if g is not None:
+                g.div_(loss_scale)
+    return grads

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flatsophia.checks import check_int, check_positive
-from flatsophia.sharding import all_reduce_sum, any_dtensor, local, local_shard, shard_group, wrap_like
+from flatsophia.sharding import any_dtensor, global_norm, local, local_shard, wrap_like
 
 from .base import (
     HessianEstimator,
@@ -75,7 +75,7 @@ class Hutchinson(HessianEstimator):
     full size from the generator (seeded alike on every rank) and each rank keeps its shard, so a
     sharded run uses exactly the probes of one process: it costs one full-size draw of every
     parameter per probe on every rank (one parameter's full size in memory at a time). The norms
-    in ``eps`` are all-reduced (two scalar all-reduces per probe).
+    in ``eps`` are all-reduced (one scalar all-reduce for the parameters, one per probe).
     """
 
     name = "hutchinson"
@@ -125,12 +125,14 @@ class Hutchinson(HessianEstimator):
         params: Sequence[torch.Tensor],
         *,
         module: torch.nn.Module | None = None,
+        loss_scale: float = 1.0,
     ) -> list[torch.Tensor | None]:
         """``v * (H v)`` for ``loss_fn(forward())``, one entry per parameter.
 
-        ``module`` (finite differences only): the network whose buffers both extra passes leave
-        untouched (BatchNorm statistics); the global RNG stream is left untouched too, and both
-        passes see the same dropout masks.
+        ``module``: the network whose buffers (BatchNorm statistics) the extra forward passes leave
+        as they were. With finite differences the global RNG stream is left untouched too, and both
+        passes see the same dropout masks. ``loss_scale``: see :meth:`from_loss` (the autograd
+        form; the finite difference runs in 32-bit precision, where no loss scaling is needed).
         """
         params = list(params)
         if self.hvp == "finite_difference":
@@ -139,12 +141,17 @@ class Hutchinson(HessianEstimator):
             return self.finite_difference(grads, forward, loss_fn, params, rng_state=state, module=module)
         if any_dtensor(params):
             raise ValueError(SHARDED_AUTOGRAD)
-        with torch.enable_grad(), math_attention(self.math_sdpa):
+        with preserved_buffers(module), torch.enable_grad(), math_attention(self.math_sdpa):
             loss = loss_fn(forward())
-            return self.from_loss(loss, params)[1]
+            return self.from_loss(loss, params, loss_scale=loss_scale)[1]
 
     def from_loss(
-        self, loss: torch.Tensor, params: Sequence[torch.Tensor], logits: torch.Tensor | None = None
+        self,
+        loss: torch.Tensor,
+        params: Sequence[torch.Tensor],
+        logits: torch.Tensor | None = None,
+        *,
+        loss_scale: float = 1.0,
     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None]]:
         """Gradients and estimates from an already computed ``loss`` (one forward saved).
 
@@ -153,9 +160,15 @@ class Hutchinson(HessianEstimator):
         gradients enabled (and, for attention, under :func:`~flatsophia.hessian.base.math_attention`).
         ``logits`` is accepted (and unused) so that both estimators share one call signature.
 
+        ``loss_scale``: differentiate ``loss * loss_scale`` (a ``torch.amp.GradScaler``'s scale,
+        keeping float16 gradients from underflowing); the gradients come back scaled, as
+        ``scaler.scale(loss).backward()`` leaves ``.grad``, and the estimates divided by it
+        (exact for the scaler's powers of two; an overflow leaves them non-finite, which
+        ``update_hessian`` skips).
+
         Returns:
-            ``(grads, estimates)``: the detached gradient of ``loss`` and ``v * (H v)`` per parameter
-            (``None`` where the loss does not reach the parameter).
+            ``(grads, estimates)``: the detached gradient of ``loss * loss_scale`` and ``v * (H v)``
+            per parameter (``None`` where the loss does not reach the parameter).
         """
         if self.hvp != "autograd":
             raise ValueError(
@@ -166,6 +179,8 @@ class Hutchinson(HessianEstimator):
         if any_dtensor(params):
             raise ValueError(SHARDED_AUTOGRAD)
         with torch.enable_grad():
+            if loss_scale != 1:
+                loss = loss * loss_scale
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         out: list[torch.Tensor | None] = [None] * len(params)
@@ -183,9 +198,9 @@ class Hutchinson(HessianEstimator):
             for i, v, hv in zip(live, vs, hvs):
                 d = torch.zeros_like(v) if hv is None else v.mul_(hv)
                 out[i] = d if out[i] is None else out[i].add_(d)
-        if self.n_probes > 1:
+        if self.n_probes > 1 or loss_scale != 1:
             for i in live:
-                out[i].div_(self.n_probes)
+                out[i].div_(self.n_probes * loss_scale)
         # A parameter reached by the loss only linearly has a zero Hessian diagonal.
         for i, g in enumerate(grads):
             if g is not None and not g.requires_grad:
@@ -209,11 +224,13 @@ class Hutchinson(HessianEstimator):
         (so under DDP it triggers no all-reduce and touches no ``.grad``); no double backward, so
         any attention kernel works.
 
-        **Step.** ``eps = c (1 + ||theta||) / ||v||`` (L2 norms over all of ``params``; the same on
-        every rank, since parameters and probes are), so the perturbation ``eps v`` has length
-        ``c (1 + ||theta||)``. ``c = fd_scale``, by default the square root of the parameters'
-        machine epsilon (``torch.finfo(dtype).eps``: 3.5e-4 in float32, 1.5e-8 in float64), which
-        balances the two error terms below.
+        **Step.** ``eps = c (1 + ||theta||) / ||v||`` rounded to the nearest power of two
+        (:func:`finite_difference_step`), so the perturbation ``eps v`` has length within a factor
+        sqrt(2) of ``c (1 + ||theta||)``. The L2 norms run over all of ``params``, in float64,
+        shard by shard when sharded; the rounding makes ``eps`` the same on one process and on any
+        sharding (and on every rank), and exact in the parameters' dtype. ``c = fd_scale``, by
+        default the square root of the parameters' machine epsilon (``torch.finfo(dtype).eps``:
+        3.5e-4 in float32, 1.5e-8 in float64), which balances the two error terms below.
 
         **Error bound** (per coordinate, ``L`` three times differentiable along the segment):
         ``|Hv_fd_i - (Hv)_i| <= (eps / 2) max_t |D^3 L(theta + t v)[v, v]_i| + (2 delta_i + rho_i) / eps``
@@ -223,10 +240,12 @@ class Hutchinson(HessianEstimator):
         |theta_j + eps v_j|``, ``u`` = half the machine epsilon). The diagonal estimate
         ``v_i Hv_fd_i`` carries ``|v_i|`` times that.
         Measured relative L2 error of ``v * Hv`` against the exact product (same probe, same
-        dropout masks; float32, default ``c``): 0.05% on a small MLP, 0.2-0.35% on timm ViTs with
-        dropout, the default ViT1D and the project's GPT; about 1e-7 in float64. That is far below
-        the estimator's own noise: with one Gaussian probe each coordinate's relative standard
-        deviation is at least ``sqrt(2)``.
+        dropout masks; float32, default ``c``; median over 5 probes): 0.045% on a small MLP,
+        0.3-0.4% (at most 0.43%) on a timm ViT with dropout and stochastic depth and on the
+        project's GPT with dropout; 2e-8 (MLP) to 3e-7 in float64 (the models and the exact product
+        of ``tests/hessian/test_finite_difference.py``). That is far below the estimator's own
+        noise: with one Gaussian probe each coordinate's relative standard deviation is at least
+        ``sqrt(2)``.
 
         **Precision.** Half-precision parameters, or autocast, are refused: a perturbation of
         relative size 3.5e-4 is below bf16's resolution (3.9e-3) and at fp16's (9.8e-4), so rounding
@@ -263,15 +282,15 @@ class Hutchinson(HessianEstimator):
         lp, g0 = [params[i] for i in live], [local(grads[i]).detach() for i in live]
         _check_precision(lp)
         c = self.fd_scale or math.sqrt(max(torch.finfo(p.dtype).eps for p in lp))
-        groups = shard_group(lp)
         xs = [local(p) for p in lp]  # sharded: this rank's shards, which FSDP all-gathers in the forward
-        theta_norm = _global_norm(xs, groups)
+        theta_norm = global_norm(lp, torch.float64).item()
         if rng_state is None:
             rng_state = capture_rng_state(cuda_devices(lp))
         saved = [x.detach().clone() for x in xs]
         for _ in range(self.n_probes):
             vs = [self._probe_local(p) for p in lp]
-            eps = c * (1.0 + theta_norm) / max(_global_norm(vs, groups), 1e-30)
+            probe_norm = global_norm([wrap_like(v, p) for v, p in zip(vs, lp)], torch.float64).item()
+            eps = finite_difference_step(c, theta_norm, probe_norm)
             try:
                 with torch.no_grad():
                     torch._foreach_add_(xs, vs, alpha=eps)
@@ -310,15 +329,19 @@ class Hutchinson(HessianEstimator):
         return [None if g is None else local(g) for g in taken]
 
 
-def _global_norm(tensors: Sequence[torch.Tensor], groups=None) -> float:
-    """L2 norm of all ``tensors`` together (one host sync); with ``groups``, of all ranks' shards
-    together (one all-reduce of the sum of squares, in float64)."""
-    norms = torch._foreach_norm([t.detach() for t in tensors])
-    device = norms[0].device
-    if groups:
-        sq = torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
-        return float(all_reduce_sum(sq, groups).sqrt())
-    return float(torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms])))
+def finite_difference_step(c: float, theta_norm: float, probe_norm: float) -> float:
+    """The step ``eps`` of :meth:`Hutchinson.finite_difference`: ``c (1 + theta_norm) / probe_norm``
+    rounded to the nearest power of two (nearest on a log scale, so within a factor sqrt(2)).
+
+    The rounding makes ``eps`` exact in any float dtype (``theta + eps v`` then rounds only once,
+    and dividing by ``eps`` is exact) and blind to the last bits of the norms: a sharded run, whose
+    norms are summed shard by shard, gets the very ``eps`` of one process, unless the unrounded
+    value lies within their rounding difference (about 1e-16 relative in float64) of a midpoint
+    ``2**(k + 1/2)``, which is negligibly unlikely.
+    """
+    raw = c * (1.0 + theta_norm) / max(probe_norm, 1e-30)
+    mantissa, exponent = math.frexp(raw)  # raw = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return math.ldexp(1.0, exponent if mantissa >= math.sqrt(0.5) else exponent - 1)
 
 
 def _check_precision(params: Sequence[torch.Tensor]) -> None:

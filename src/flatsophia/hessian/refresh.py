@@ -37,6 +37,10 @@ gradient and replays its dropout masks (one extra forward+backward per refresh);
             loss.backward()
         refresher.maybe_refresh(step, forward, loss_fn)
 
+Float16 mixed precision with a ``torch.amp.GradScaler``: pass ``scaler=scaler`` and back-propagate
+``scaler.scale(loss)`` in the training pass as usual (``forward_backward`` does that itself), then
+``maybe_refresh`` before ``scaler.step(opt)``; the estimates come out unscaled.
+
 Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken with
 ``torch.autograd.grad`` bypass DDP's gradient hooks, so each rank's estimate is averaged here), call
 ``maybe_refresh`` with the unwrapped module's forward, and ``shares_forward`` is always ``False``
@@ -107,8 +111,11 @@ class HessianRefresher:
         estimator: ``"auto"`` (the one the optimizer consumes), that estimator's name (anything else
             raises ``ValueError`` listing the valid combinations), or a
             :class:`~flatsophia.hessian.base.HessianEstimator` instance of the right kind.
-        model: the network (unwrapped, not the DDP wrapper); needed for ``hvp="finite_difference"``,
-            whose perturbed pass restores its buffers (BatchNorm statistics).
+        model: the network (unwrapped, not the DDP wrapper), whose buffers (BatchNorm running
+            statistics and batch counter) every refresh's extra forward leaves as they were: pass
+            it whenever the network has buffers (needed for ``hvp="finite_difference"``). A shared
+            forward (:meth:`forward_backward`) is the training forward itself, which updates them
+            once, as training without a refresh does.
         every_k: refresh at every ``every_k``-th optimizer step (steps 0, k, 2k, ...).
         refresh_prob: instead, refresh each step with this probability (always at step 0), drawn
             from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
@@ -122,6 +129,12 @@ class HessianRefresher:
             ``strategy.reduce``); ``None`` on one process, and with sharded (FSDP2) parameters,
             whose estimates FSDP averages already (anything else raises ``ValueError``).
         optimizer_name: name used in messages (default: the registry name of the optimizer's class).
+        scaler: the loop's ``torch.amp.GradScaler`` (float16 mixed precision), or ``None``. The
+            refresh then differentiates losses times ``scaler.get_scale()`` (float16 gradients
+            would underflow otherwise) and divides the estimate by it: :meth:`forward_backward`
+            adds the scaled gradient to ``.grad``, as ``scaler.scale(loss).backward()`` does, and
+            :meth:`training_pass` takes the recorded gradient as the scaled one. An estimate that
+            overflows is skipped (``skipped``), as the scaler skips such a step.
 
     Attributes:
         estimator: the :class:`~flatsophia.hessian.base.HessianEstimator`, or ``None`` for a
@@ -145,8 +158,11 @@ class HessianRefresher:
         hvp: str = "autograd",
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimizer_name: str | None = None,
+        scaler: torch.amp.GradScaler | None = None,
     ):
         check_int("every_k", every_k, 1)
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise ValueError(f"Invalid scaler: {scaler!r} (expected a torch.amp.GradScaler or None)")
         check_probability("refresh_prob", refresh_prob, allow_none=True)
         self.optimizer = optimizer
         self.model = model
@@ -154,6 +170,7 @@ class HessianRefresher:
         self.refresh_prob = refresh_prob
         self.seed = seed
         self.reduce = reduce
+        self.scaler = scaler
         self.optimizer_name = optimizer_name or _optimizer_name(optimizer)
         self.refreshes = 0
         self.skipped = 0
@@ -254,7 +271,8 @@ class HessianRefresher:
         each Hessian parameter (tensor hooks: before DDP's all-reduce and before accumulation into
         ``.grad``); :meth:`maybe_refresh` for the same step then replays the pass at
         ``theta + eps v`` and takes ``H v`` from the two gradients. ``loss_divisor``: the pass
-        back-propagates ``loss / loss_divisor`` (micro-batches accumulated). Otherwise a no-op.
+        back-propagates ``loss / loss_divisor`` (micro-batches accumulated; times the ``scaler``'s
+        scale with one). Otherwise a no-op.
         Sharded parameters (FSDP2): the pass's gradient is read from ``.grad`` (its value after the
         pass minus the one before, when micro-batches accumulate), already averaged over ranks.
         """
@@ -263,7 +281,9 @@ class HessianRefresher:
             yield
             return
         params = self.optimizer.hessian_params()
-        record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), loss_divisor)
+        # under a GradScaler the pass back-propagates loss * scale / loss_divisor
+        divisor = loss_divisor / self.loss_scale()
+        record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), divisor)
         if self.sharded:
             # FSDP2: the sharded parameters are not in the graph (hooks on them never fire); this
             # pass's gradient, averaged over ranks, is what its backward adds to .grad.
@@ -294,8 +314,10 @@ class HessianRefresher:
 
         The gradient of ``loss_fn(forward()) / loss_divisor`` is added to ``.grad`` of the
         optimizer's Hessian parameters (as ``backward()`` would; ``loss_divisor`` is the number of
-        accumulated micro-batches), and the estimate is returned for :meth:`maybe_refresh` or
-        :meth:`apply` (not applied yet, so a loop can drop it with a step it skips).
+        accumulated micro-batches; times the scale with a ``scaler``, as
+        ``scaler.scale(loss).backward()`` would), and the (unscaled) estimate is returned for
+        :meth:`maybe_refresh` or :meth:`apply` (not applied yet, so a loop can drop it with a step
+        it skips).
 
         Returns:
             ``(loss, estimates)`` with the undivided loss.
@@ -304,7 +326,9 @@ class HessianRefresher:
         with math_attention(getattr(self.estimator, "math_sdpa", False)):
             logits = forward()
             loss = loss_fn(logits)
-            grads, estimates = self._run(lambda: self.estimator.from_loss(loss, params, logits=logits))
+            scale = self.loss_scale(loss)
+            kwargs = {"loss_scale": scale} if scale != 1 else {}
+            grads, estimates = self._run(lambda: self.estimator.from_loss(loss, params, logits=logits, **kwargs))
         for p, g in zip(params, grads):
             if g is None:
                 continue
@@ -337,8 +361,21 @@ class HessianRefresher:
                 module=self.model,
                 loss_divisor=record.loss_divisor,
             )
-        kwargs = {"module": self.model} if self.sharded else {}  # whose other .grad a backward must keep
+        # module: whose buffers the extra forward keeps (and, sharded, whose other .grad a backward keeps)
+        kwargs = {"module": self.model} if self.model is not None else {}
+        if self.loss_scale() != 1:
+            kwargs["loss_scale"] = self.loss_scale()
         return self._run(lambda: self.estimator(forward, loss_fn, params, **kwargs))
+
+    def loss_scale(self, loss: torch.Tensor | None = None) -> float:
+        """The ``scaler``'s current scale (1 without one, or with a disabled one). Given the
+        ``loss`` about to be differentiated, the scale ``scaler.scale(loss)`` would apply (which
+        also starts a scaler that has not scaled anything yet, as ``scaler.step`` requires)."""
+        if self.scaler is None or not self.scaler.is_enabled():
+            return 1.0
+        if loss is None:
+            return float(self.scaler.get_scale())
+        return float(self.scaler.scale(torch.ones((), device=loss.device)))
 
     def _run(self, fn):
         try:
