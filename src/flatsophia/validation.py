@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int, check_probability
 from flatsophia.data._base import KINDS, TASKS
@@ -326,7 +326,7 @@ def device_count(trainer) -> int | None:
             devices = int(text)
         else:
             return None
-    if isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+    if isinstance(devices, (list, tuple, ListConfig)):
         return len(devices)
     if isinstance(devices, bool) or not isinstance(devices, int):
         return None
@@ -342,7 +342,8 @@ def check_global_batch(cfg: DictConfig) -> None:
 
     Tokens per optimizer step = data.batch_size x data.block_size x module.accumulate x trainer.devices
     x trainer.num_nodes. The message names the four factors that set the global batch, and the
-    accumulation that would fit when one does.
+    accumulation that would fit when one does. Not checked under ``trainer.fast_dev_run`` (a run of
+    one batch that tests the code paths, e.g. ``debug=fast_dev_run`` on a laptop).
     """
     data = cfg.get("data") or {}
     wanted = data.get("tokens_per_step")
@@ -350,6 +351,8 @@ def check_global_batch(cfg: DictConfig) -> None:
         return
     check_int("data.tokens_per_step", wanted, 1)
     trainer = cfg.get("trainer") or {}
+    if trainer.get("fast_dev_run"):
+        return
     devices = device_count(trainer)
     if devices is None:
         return  # unknown before the trainer starts (e.g. devices="auto" on an unusual accelerator)
@@ -396,7 +399,8 @@ def check_endless_data(cfg: DictConfig) -> None:
         return
     max_steps, limit = trainer.get("max_steps"), trainer.get("limit_train_batches")
     finite_epochs = isinstance(limit, int) and not isinstance(limit, bool) and trainer.get("max_epochs", -1) != -1
-    if (max_steps is None or max_steps < 1) and not finite_epochs and not trainer.get("max_time"):
+    bounded = finite_epochs or trainer.get("max_time") or trainer.get("fast_dev_run")
+    if (max_steps is None or max_steps < 1) and not bounded:
         raise ValueError(
             f"data={_choice('data') or data.get('_target_')} streams training windows without end (an epoch never "
             f"ends), so trainer.max_steps={max_steps} and trainer.max_epochs={trainer.get('max_epochs')} never stop "

@@ -153,7 +153,8 @@ def prepare(
         source=source,
         **{f"{s}_{k}": v for s, c in counts.items() for k, v in c.items()},
     )
-    log(f"wrote {folder}: {counts['train']['tokens']:,} train and {counts['val']['tokens']:,} val tokens ({dtype_name})")
+    train_n, val_n = counts["train"]["tokens"], counts["val"]["tokens"]
+    log(f"wrote {folder}: {train_n:,} train and {val_n:,} val tokens ({dtype_name})")
     return meta
 
 

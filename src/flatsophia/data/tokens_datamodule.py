@@ -266,7 +266,12 @@ class TokensDataModule(TensorSplitsDataModule):
     def state_dict(self) -> dict:
         """Saved in checkpoints by Lightning: the data position and what the stream depends on."""
         _, world = self._rank_world()
-        return {"train_batches": self._batches_read(), "seed": self.seed, "batch_size": self.batch_size, "world_size": world}
+        return {
+            "train_batches": self._batches_read(),
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": world,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restart the training stream where the checkpoint left it (called before the loaders are built)."""
