@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from _spawn import spawn
 from conftest import token_documents
 from flatsophia.data.prepare_tokens import Tokenizer, get_tokenizer, main, prepare
 from flatsophia.data.token_files import TokenFile, read_meta
@@ -134,17 +135,31 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit(folder, tmp_path, max_steps, ckpt_path=None, every=None):
+def fit(folder, tmp_path, max_steps, ckpt_path=None, every=None, num_workers=1, **trainer_kw):
     dm = TokensDataModule(data_dir=str(folder.parent), dataset=folder.name, block_size=8, batch_size=2, num_classes=256,
-                          seed=7, num_workers=1)
+                          seed=7, num_workers=num_workers)
     model = Recorder()
     callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1,
                                                      filename="{step}")] if every else []
     trainer = L.Trainer(max_steps=max_steps, limit_val_batches=0, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=bool(every), callbacks=callbacks,
-                        default_root_dir=tmp_path)
+                        default_root_dir=tmp_path, **trainer_kw)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen
+
+
+def _fit_rank(rank, world, folder, tmp_path):
+    return fit(folder, tmp_path / f"rank{rank}", max_steps=2, num_workers=0, accelerator="cpu", devices=world,
+               strategy="ddp")
+
+
+def test_ddp_ranks_read_their_shares_of_the_global_batch(token_files, tmp_path):
+    """Two DDP ranks (gloo): the datamodule takes each rank's share from the trainer."""
+    rank0, rank1 = spawn(_fit_rank, token_files, tmp_path, world=2, lightning=True)
+    one = TrainWindows(TokenFile(token_files / "train.bin", "uint16"), 8, batch_size=4, seed=7)
+    for index in range(2):
+        assert not torch.equal(rank0[index], rank1[index])
+        assert torch.equal(torch.cat([rank0[index], rank1[index]]), one.batch(index)[0])
 
 
 def test_resumed_run_reads_the_windows_of_the_uninterrupted_one(token_files, tmp_path):
