@@ -224,3 +224,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+#: Documents of the token-file fixture: numbered slices of Python's standard library source (offline).
+def token_documents(n: int = 40, size: int = 3000) -> list[str]:
+    from flatsophia.data.charlm_datamodule import stdlib_corpus
+
+    text = stdlib_corpus(n * size).decode("utf-8", errors="replace")
+    return [f"# document {i}\n{text[i * size : (i + 1) * size]}" for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def token_files(tmp_path_factory) -> Path:
+    """A token folder (train.bin, val.bin, meta.json) written by the bytes tokenizer: ``data.data_dir``
+    is its parent, ``data.dataset`` its name (``bytes``), ``data.num_classes=256``."""
+    from flatsophia.data.prepare_tokens import prepare
+
+    folder = tmp_path_factory.mktemp("tokens") / "bytes"
+    prepare(token_documents(), folder, "bytes", val_fraction=0.25, split_seed=0, log=lambda _: None)
+    return folder
+
+
+#: Overrides that put data=tokens on the fixture's files with a tiny GPT (add data.data_dir=<parent>).
+TINY_TOKENS = [
+    "data.dataset=bytes",
+    "data.num_classes=256",
+    "data.block_size=16",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "data.eval_iters=2",
+    "data.num_workers=0",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=16",
+]

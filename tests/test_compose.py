@@ -39,6 +39,8 @@ SMALL = {
         "mnist1d": ["data.num_samples=1000", "data.n_val=200"],
         "charlm": ["data.max_chars=20000", "data.block_size=32"],
         "tinyshakespeare": ["data.block_size=32"],
+        # + data.data_dir of the token_files fixture (bytes tokenizer), see test_data_model_pair_trains_or_is_refused
+        "tokens": ["data.dataset=bytes", "data.num_classes=256", "data.block_size=32", "data.eval_iters=2"],
     },
     "model": {
         "vit1d": ["model.embed_dim=16", "model.depth=1", "model.num_heads=2"],
@@ -94,13 +96,14 @@ def needs_download(cfg) -> FileNotFoundError | None:
 
 
 def assert_stops_before_the_model(cfg, monkeypatch) -> None:
-    """``train(cfg)`` stops with the 'run with data.download=true' message before any model is built."""
+    """``train(cfg)`` stops with the 'run with data.download=true' (or, for token files, 'write them with
+    scripts/prepare_tokens.py') message before any model is built."""
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was built before the missing data were reported")
 
     monkeypatch.setattr(training, "build_module", no_model)
-    with pytest.raises(FileNotFoundError, match=r"not found.*data\.download=true"):
+    with pytest.raises(FileNotFoundError, match=r"not found.*(data\.download=true|scripts/prepare_tokens\.py)"):
         train(cfg)
 
 
@@ -109,8 +112,10 @@ def assert_stops_before_the_model(cfg, monkeypatch) -> None:
 
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("data", options("data"))
-def test_data_model_pair_trains_or_is_refused(make_cfg, monkeypatch, data, model):
-    cfg = make_cfg([f"data={data}", f"model={model}", *SHORT, *small(data, model), "debug=fast_dev_run"], tiny=False)
+def test_data_model_pair_trains_or_is_refused(make_cfg, monkeypatch, request, data, model):
+    files = [f"data.data_dir={request.getfixturevalue('token_files').parent}"] if data == "tokens" else []
+    overrides = [f"data={data}", f"model={model}", *SHORT, *small(data, model), *files, "debug=fast_dev_run"]
+    cfg = make_cfg(overrides, tiny=False)
     accepts = model_accepts(cfg.model._target_)
     assert accepts, f"{cfg.model._target_} declares no `accepts` (the data kinds it takes)"
     if cfg.data.kind not in accepts:

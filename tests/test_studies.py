@@ -195,3 +195,14 @@ def test_project_root_found_from_the_checkout_and_refused_elsewhere(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="src/train.py"):
         studies.project_root()
+
+
+def test_charlm_study_keeps_the_protocol_it_was_run_with(make_cfg):
+    """docs/claims.md (2): weight decay 0.2 for every optimizer, each at its own default betas and rho,
+    whatever per-optimizer values experiment=sophia_charlm now carries."""
+    study = STUDIES["charlm"]
+    for opt, betas in (("adamw", [0.9, 0.999]), ("sophia_g", [0.965, 0.99]), ("sophia_h", [0.965, 0.99])):
+        cfg = make_cfg([f"experiment={study.experiment}", *study.overrides, f"optimizer={opt}"], tiny=False)
+        assert (cfg.optimizer.weight_decay, list(cfg.optimizer.betas), cfg.settings_source) == (0.2, betas, None)
+    cfg = make_cfg([f"experiment={study.experiment}", *study.overrides, "optimizer=sophia_g"], tiny=False)
+    assert cfg.optimizer.rho == 0.04  # the library default the study tuned from, not the paper's 0.05

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int, check_probability
 from flatsophia.data._base import KINDS, TASKS
@@ -41,6 +41,8 @@ __all__ = [
     "check_data_model",
     "check_hardware",
     "group_options",
+    "check_global_batch",
+    "check_per_optimizer",
     "validate_config",
 ]
 
@@ -309,6 +311,103 @@ def check_data(cfg: DictConfig) -> None:
         check_int("data.num_workers", data["num_workers"], 0)
 
 
+def device_count(trainer) -> int | None:
+    """Processes per node that ``trainer.devices`` asks for, as Lightning counts them: an int, a list of
+    device ids, ``"auto"``/``-1`` (every visible GPU; one process on the CPU); ``None`` when unknown."""
+    devices = trainer.get("devices", 1)
+    accelerator = str(trainer.get("accelerator") or "cpu").lower()
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text == "auto" or text == "-1":
+            devices = -1
+        elif "," in text:
+            return len([d for d in text.split(",") if d.strip()])
+        elif text.lstrip("-").isdigit():
+            devices = int(text)
+        else:
+            return None
+    if isinstance(devices, (list, tuple, ListConfig)):
+        return len(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int):
+        return None
+    if devices == -1:
+        if accelerator == "cpu":
+            return 1
+        return torch.cuda.device_count() if accelerator in ("gpu", "cuda", "auto") else None
+    return devices
+
+
+def check_global_batch(cfg: DictConfig) -> None:
+    """Refuse a run whose global batch differs from the one its experiment intends (``data.tokens_per_step``).
+
+    Tokens per optimizer step = data.batch_size x data.block_size x module.accumulate x trainer.devices
+    x trainer.num_nodes. The message names the four factors that set the global batch, and the
+    accumulation that would fit when one does. Not checked under ``trainer.fast_dev_run`` (a run of
+    one batch that tests the code paths, e.g. ``debug=fast_dev_run`` on a laptop).
+    """
+    data = cfg.get("data") or {}
+    wanted = data.get("tokens_per_step")
+    if wanted is None:
+        return
+    check_int("data.tokens_per_step", wanted, 1)
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("fast_dev_run"):
+        return
+    devices = device_count(trainer)
+    if devices is None:
+        return  # unknown before the trainer starts (e.g. devices="auto" on an unusual accelerator)
+    batch, block = data.get("batch_size"), data.get("block_size")
+    accumulate = (cfg.get("module") or {}).get("accumulate", 1)
+    nodes = trainer.get("num_nodes") or 1
+    got = batch * block * accumulate * devices * nodes
+    if got == wanted:
+        return
+    per_micro = batch * block * devices * nodes
+    hint = f" (module.accumulate={wanted // per_micro} fits)" if wanted % per_micro == 0 else ""
+    raise ValueError(
+        f"Global batch mismatch: data.batch_size={batch} x module.accumulate={accumulate} x trainer.devices={devices} "
+        f"x trainer.num_nodes={nodes} sequences of data.block_size={block} tokens = {got:,} tokens per optimizer "
+        f"step, but data.tokens_per_step={wanted:,} ({wanted / block:g} sequences). Change these four factors so "
+        f"that their product is {wanted / block:g}{hint}, or set data.tokens_per_step=null to run another batch."
+    )
+
+
+def check_per_optimizer(cfg: DictConfig) -> None:
+    """Refuse an optimizer the experiment has no per-optimizer settings for, when it has some for others
+    (``conf/per_optimizer/<optimizer>_<experiment>.yaml``): it would silently run at library defaults."""
+    experiment, optimizer = _choice("experiment"), _choice("optimizer")
+    if not experiment or not optimizer:
+        return
+    files = group_options("per_optimizer")
+    have = [name for name in group_options("optimizer") if f"{name}_{experiment}" in files]
+    if have and optimizer not in have:
+        raise ValueError(
+            f"experiment={experiment} has per-optimizer settings for {', '.join(have)} and none for "
+            f"optimizer={optimizer}: choose one of those, or add conf/per_optimizer/{optimizer}_{experiment}.yaml "
+            "(with a settings_source naming where its values come from)"
+        )
+
+
+def check_endless_data(cfg: DictConfig) -> None:
+    """A datamodule whose training stream never ends an epoch (``endless_train``) needs a step limit."""
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    try:
+        cls = hydra.utils.get_object(str(data.get("_target_")))
+    except Exception:  # a wrong _target_ is reported by instantiate
+        return
+    if not getattr(cls, "endless_train", False):
+        return
+    max_steps, limit = trainer.get("max_steps"), trainer.get("limit_train_batches")
+    finite_epochs = isinstance(limit, int) and not isinstance(limit, bool) and trainer.get("max_epochs", -1) != -1
+    bounded = finite_epochs or trainer.get("max_time") or trainer.get("fast_dev_run")
+    if (max_steps is None or max_steps < 1) and not bounded:
+        raise ValueError(
+            f"data={_choice('data') or data.get('_target_')} streams training windows without end (an epoch never "
+            f"ends), so trainer.max_steps={max_steps} and trainer.max_epochs={trainer.get('max_epochs')} never stop "
+            "training: set trainer.max_steps (optimizer steps), e.g. trainer.max_steps=1000"
+        )
+
+
 def check_module(cfg: DictConfig) -> None:
     module = cfg.get("module", {})
     check_module_options(
@@ -331,6 +430,9 @@ def validate_config(cfg: DictConfig) -> None:
     check_metric_fits(cfg)
     check_module(cfg)
     check_data(cfg)
+    check_endless_data(cfg)
+    check_global_batch(cfg)
+    check_per_optimizer(cfg)
     check_scheduler_block(merge_block("scheduler", _container(cfg.get("scheduler")), SCHEDULER_DEFAULTS))
     name = check_optimizer(cfg)
     check_hessian(cfg, name)

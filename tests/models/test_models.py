@@ -128,3 +128,32 @@ def test_timm_resnet_small_stem():
         timm_model("vit_tiny_patch16_224", small_stem=True, img_size=32, patch_size=4)
     with pytest.raises(ValueError, match="Unknown timm model"):
         timm_model("no_such_net")
+
+
+def test_gpt_inverse_layer_attention_scale_equals_queries_divided_by_depth():
+    """Sophia's GPT-2 runs divide block i's attention logits by i + 1: the same as a plain GPT whose
+    query projections of block i are divided by i + 1 (an oracle that never scales the logits)."""
+    torch.manual_seed(0)
+    scaled = GPT(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=8, scale_attn_by_inverse_layer_idx=True)
+    with torch.no_grad():  # larger q, k than at init: attention far from uniform, so the scale matters
+        for block in scaled.blocks:
+            block.attn.qkv.weight.mul_(30)
+    plain = GPT(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=8)
+    plain.load_state_dict(scaled.state_dict())
+    with torch.no_grad():
+        for i, block in enumerate(plain.blocks):
+            block.attn.qkv.weight[:8] /= i + 1  # rows of q (the first n_embd outputs)
+            block.attn.qkv.bias[:8] /= i + 1
+    x = torch.randint(0, 50, (2, 8))
+    torch.testing.assert_close(scaled(x), plain(x))
+    unscaled = GPT(vocab_size=50, block_size=8, n_layer=3, n_head=2, n_embd=8)
+    unscaled.load_state_dict(scaled.state_dict())
+    assert not torch.allclose(scaled(x), unscaled(x), atol=1e-4)  # the flag matters (blocks 1 and 2)
+
+
+def test_gpt_token_embedding_decay_follows_its_flag():
+    for flag, decayed in ((True, True), (False, False)):
+        net = GPT(vocab_size=20, block_size=4, n_layer=1, n_head=2, n_embd=8, decay_token_embedding=flag)
+        groups = param_groups(net, decay="matrices")
+        assert any(p is net.wte.weight for p in groups[0]["params"]) is decayed
+        assert any(p is net.blocks[0].attn.qkv.weight for p in groups[0]["params"])  # other matrices still decay

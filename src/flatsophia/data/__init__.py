@@ -11,6 +11,7 @@ from .cifar100_datamodule import CIFAR100DataModule
 from .digits_datamodule import DigitsDataModule
 from .mnist1d_datamodule import MNIST1DDataModule
 from .tinyshakespeare_datamodule import TinyShakespeareDataModule
+from .tokens_datamodule import TokensDataModule
 
 __all__ = [
     "MNIST1DDataModule",
@@ -19,4 +20,5 @@ __all__ = [
     "CIFAR100DataModule",
     "CharLMDataModule",
     "TinyShakespeareDataModule",
+    "TokensDataModule",
 ]

@@ -3,6 +3,8 @@
 - ``${wandb_offline:}``: ``true`` unless W&B can log online, i.e. ``WANDB_MODE`` is not
   ``online`` and no ``WANDB_API_KEY`` is set (also ``true`` for ``WANDB_MODE=offline|disabled``).
   Lets ``logger=wandb`` run on machines without credentials or network.
+- ``${mul:a,b}``: the product ``a * b`` (e.g. validate every 1000 optimizer steps:
+  ``val_check_interval: ${mul:1000,${module.accumulate}}`` training batches).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 
 from omegaconf import OmegaConf
 
-__all__ = ["register_resolvers", "wandb_offline"]
+__all__ = ["register_resolvers", "wandb_offline", "mul"]
 
 
 def wandb_offline() -> bool:
@@ -23,7 +25,17 @@ def wandb_offline() -> bool:
     return not os.environ.get("WANDB_API_KEY")
 
 
+def mul(a, b):
+    """``a * b``; both must be numbers (an int if both are ints)."""
+    for value in (a, b):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"Invalid argument of ${{mul:...}}: {value!r} (expected a number)")
+    return a * b
+
+
 def register_resolvers() -> None:
     """Register the resolvers (idempotent)."""
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", mul)

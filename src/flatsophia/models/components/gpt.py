@@ -17,9 +17,11 @@ __all__ = ["GPT"]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, scale_divisor: float = 1.0):
         super().__init__()
         self.n_head = n_head
+        # attention logits are q.k / sqrt(head dim) / scale_divisor
+        self.scale = 1.0 / math.sqrt(n_embd // n_head) / scale_divisor
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.dropout = dropout
@@ -29,7 +31,8 @@ class CausalSelfAttention(nn.Module):
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=2)
         q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, scale=self.scale)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         return self.resid_drop(self.proj(y))
 
@@ -46,10 +49,10 @@ class MLPBlock(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, scale_divisor: float = 1.0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias, scale_divisor)
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLPBlock(n_embd, dropout, bias)
 
@@ -70,6 +73,10 @@ class GPT(nn.Module):
         dropout: dropout on embeddings, attention weights and residual branches.
         bias: biases in linear layers and LayerNorms.
         tie_weights: share the token embedding with the output head (as GPT-2 and nanoGPT).
+        scale_attn_by_inverse_layer_idx: divide the attention logits of block ``i`` (from 0) by
+            ``i + 1`` as well, as the Sophia authors' GPT-2 runs (their ``model.py``; off in nanoGPT).
+        decay_token_embedding: whether weight decay applies to the token embedding (shared with the
+            head when tied) under ``module.weight_decay_rule=matrices``; nanoGPT and Sophia do not decay it.
     """
 
     #: Data kinds this model takes (read by the config check, see flatsophia.validation).
@@ -85,6 +92,8 @@ class GPT(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         tie_weights: bool = True,
+        scale_attn_by_inverse_layer_idx: bool = False,
+        decay_token_embedding: bool = True,
     ):
         super().__init__()
         for name, value in (
@@ -101,10 +110,14 @@ class GPT(nn.Module):
         if not 0 <= dropout < 1:
             raise ValueError(f"Invalid dropout: {dropout!r} (expected a number in [0, 1))")
         self.block_size = block_size
+        self.decay_token_embedding = bool(decay_token_embedding)
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, bias) for _ in range(n_layer)])
+        inverse_idx = bool(scale_attn_by_inverse_layer_idx)
+        self.blocks = nn.ModuleList(
+            [Block(n_embd, n_head, dropout, bias, float(i + 1) if inverse_idx else 1.0) for i in range(n_layer)]
+        )
         self.ln_f = nn.LayerNorm(n_embd, bias=bias)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         if tie_weights:
@@ -124,8 +137,9 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to exclude from weight decay (the position table)."""
-        return {"wpe.weight"}
+        """Parameter names to exclude from weight decay (the position table; the token embedding too
+        unless ``decay_token_embedding``)."""
+        return {"wpe.weight"} if self.decay_token_embedding else {"wpe.weight", "wte.weight"}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         b, t = idx.shape
