@@ -112,10 +112,14 @@ class LMThroughput(L.Callback):
                     run.define_metric(prefix, step_metric="tokens")
                 run.define_metric("val/*", step_metric="val/tokens")
 
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        # Counted before the batch's end hooks, so that a checkpoint saved by any of them includes it.
+        if self.active:
+            self.tokens += batch[1].numel() * trainer.world_size
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if not self.active:
             return
-        self.tokens += batch[1].numel() * trainer.world_size
         if getattr(pl_module, "_micro", 0):  # inside an accumulation window
             return
         now = time.perf_counter()
