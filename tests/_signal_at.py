@@ -9,11 +9,14 @@ import lightning as L
 
 
 class SignalAt(L.Callback):
-    def __init__(self, step: int, signal_name: str = "SIGUSR1"):
+    """Only on rank ``rank`` (the other ranks learn of it from the requeue callback's all-reduce)."""
+
+    def __init__(self, step: int, signal_name: str = "SIGUSR1", rank: int = 0):
         self.step = step
         self.signum = signal.Signals[signal_name]
+        self.rank = rank
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step and not getattr(self, "_sent", False):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and not getattr(self, "_sent", False):
             self._sent = True
             os.kill(os.getpid(), self.signum)

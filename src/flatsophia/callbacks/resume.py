@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.fabric.utilities.types import _Stateful
 
 from flatsophia.data.resumable import ResumableDataLoader
@@ -32,6 +33,8 @@ class ExactResume(L.Callback):
         fit_loop = trainer.fit_loop
         if fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
             fit_loop._load_combined_loader_states()
+            for dl in fit_loop._combined_loader.flattened:  # the epoch's order (DistributedSampler: seed + epoch)
+                _set_sampler_epoch(dl, fit_loop.epoch_progress.current.processed)
             iter(fit_loop._data_fetcher)  # a new iterator from the loaded state (and its look-ahead batch)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
