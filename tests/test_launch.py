@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import hydra
+import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -57,3 +58,28 @@ def test_step_checkpoints_keep_the_newest(make_cfg):
     last = torch.load(folder / "last.ckpt", weights_only=True)
     assert last["global_step"] == 9  # rewritten at the step checkpoints and at the epochs' ends
     assert any(isinstance(c, ModelCheckpoint) and c.monitor == "val/loss" for c in objects["callbacks"])
+
+
+def test_requeue_signal_is_checked():
+    from flatsophia.callbacks import SlurmRequeue
+
+    assert SlurmRequeue(signal="USR2").signum.name == "SIGUSR2"
+    with pytest.raises(ValueError, match="Invalid signal: 'USR9'"):
+        SlurmRequeue(signal="USR9")
+    with pytest.raises(ValueError, match="requeue/enabled: 'yes'"):
+        SlurmRequeue(requeue="yes")
+
+
+def test_run_ids_are_fixed_per_job_and_folder(monkeypatch):
+    from flatsophia.utils.resolvers import slurm_run_id
+
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert slurm_run_id("logs/a") is None  # outside SLURM: Lightning's next version / a new W&B run
+    monkeypatch.setenv("SLURM_JOB_ID", "123")
+    first = slurm_run_id("logs/a")
+    assert first.startswith("123-") and first == slurm_run_id("logs/a")  # the requeued job: the same id
+    assert slurm_run_id("logs/b") != first  # another run of the allocation: its own table and W&B run
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert slurm_run_id("logs/a").startswith("120_3-")
