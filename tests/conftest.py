@@ -134,12 +134,10 @@ TINY_DEFAULT = [
 ]
 
 
-def run_script(
-    script: str, *overrides: str, log_dir: Path, data_dir: Path, check: bool = True, timeout: int = 300, **env
-) -> subprocess.CompletedProcess:
-    """``python src/<script>.py <overrides>`` from the project root, as a user runs it: one thread, no
-    config printing, outputs under ``log_dir``; ``env`` adds variables (``None`` removes one). With
-    ``check``, a non-zero exit fails the test with the output's tail."""
+def script_command(
+    script: str, *overrides: str, log_dir: Path, data_dir: Path, **env
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of :func:`run_script` (for starting several at once)."""
     cmd = [
         sys.executable,
         f"src/{script}.py",
@@ -149,7 +147,16 @@ def run_script(
         f"paths.data_dir={data_dir}",
     ]
     merged = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1", **env}
-    merged = {k: v for k, v in merged.items() if v is not None}
+    return cmd, {k: v for k, v in merged.items() if v is not None}
+
+
+def run_script(
+    script: str, *overrides: str, log_dir: Path, data_dir: Path, check: bool = True, timeout: int = 300, **env
+) -> subprocess.CompletedProcess:
+    """``python src/<script>.py <overrides>`` from the project root, as a user runs it: one thread, no
+    config printing, outputs under ``log_dir``; ``env`` adds variables (``None`` removes one). With
+    ``check``, a non-zero exit fails the test with the output's tail."""
+    cmd, merged = script_command(script, *overrides, log_dir=log_dir, data_dir=data_dir, **env)
     result = subprocess.run(cmd, cwd=ROOT, env=merged, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

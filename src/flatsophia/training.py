@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flatsophia.callbacks import ValidateAtMaxSteps
+from flatsophia.callbacks import ExactResume, ValidateAtMaxSteps
 from flatsophia.security import UntrustedCheckpointError, load_checkpoint_file, use_atomic_checkpoint_io
 from flatsophia.utils import (
     instantiate_callbacks,
@@ -29,6 +29,7 @@ from flatsophia.validation import validate_config
 log = logging.getLogger(__name__)
 
 __all__ = ["train", "evaluate", "load_checkpoint", "build_module"]
+
 
 def _to_container(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
@@ -76,7 +77,8 @@ def _build_common(cfg: DictConfig, **module_overrides) -> dict[str, Any]:
     callbacks = instantiate_callbacks(cfg.get("callbacks"), has_logger=bool(loggers))
     log.info("Instantiating trainer <%s>", cfg.trainer._target_)
     # ValidateAtMaxSteps: a run stopped by max_steps inside an epoch validates before it ends.
-    callbacks_all = [*callbacks, ValidateAtMaxSteps()]
+    # ExactResume: checkpoints record the training loader's position (a resumed fit continues exactly).
+    callbacks_all = [*callbacks, ValidateAtMaxSteps(), ExactResume()]
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks_all, logger=loggers or False)
     use_atomic_checkpoint_io(trainer)  # checkpoints written to a temp file and renamed: no half-written last.ckpt
     objects = {
@@ -119,7 +121,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     trainer, model, datamodule = objects["trainer"], objects["model"], objects["datamodule"]
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        ckpt_path = cfg.get("ckpt_path")
+        ckpt_path = _requeued_checkpoint(trainer) or cfg.get("ckpt_path")
         if ckpt_path:
             load_checkpoint(ckpt_path, trusted=not weights_only)  # clear error before Lightning's
             log.info("Resuming from %s", ckpt_path)
@@ -138,6 +140,23 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=weights_only)
         metrics.update(_metrics(trainer))
     return metrics, objects
+
+
+def _requeued_checkpoint(trainer: L.Trainer) -> str | None:
+    """The newest ``hpc_ckpt_<n>.ckpt`` in the run's folder under SLURM (written by
+    :class:`~flatsophia.callbacks.SlurmRequeue` before the job was requeued), else ``None``.
+
+    It wins over ``ckpt_path``: a requeued job that was started from ``ckpt_path`` continues from
+    where it stopped, not from that file again.
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    found = trainer._checkpoint_connector._hpc_resume_path
+    if found:
+        log.info("SLURM: resuming the requeued job from %s", found)
+    return found
 
 
 def _test_final(trainer: L.Trainer, model, datamodule) -> dict[str, float]:

@@ -1,6 +1,19 @@
-"""Lightning callbacks of the template (diagnostics that do not change the training trajectory)."""
+"""Lightning callbacks of the template: diagnostics and bookkeeping that do not change the training trajectory."""
 
+from .preemption import Requeued, SlurmRequeue
+from .resume import ExactResume
 from .sharpness import SharpnessCallback, hessian_top_eig_and_trace
 from .stop import ValidateAtMaxSteps
+from .throughput import LMThroughput, model_flops_per_token, peak_tflops
 
-__all__ = ["SharpnessCallback", "ValidateAtMaxSteps", "hessian_top_eig_and_trace"]
+__all__ = [
+    "ExactResume",
+    "LMThroughput",
+    "Requeued",
+    "SharpnessCallback",
+    "SlurmRequeue",
+    "ValidateAtMaxSteps",
+    "hessian_top_eig_and_trace",
+    "model_flops_per_token",
+    "peak_tflops",
+]

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from flatsophia.checks import check_int
+from flatsophia.data.resumable import ResumableDataLoader
 
 TASKS = ("classification", "lm")
 
@@ -104,7 +105,8 @@ class TensorSplitsDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
-        return DataLoader(
+        # The training loader resumes mid-epoch exactly (flatsophia.data.resumable); it shuffles as DataLoader.
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
