@@ -220,3 +220,34 @@ def test_fsdp2_param_dtype_is_recorded_and_refused():
         assert "MixedPrecisionPolicy param_dtype" in message and "optimizer=sophia_g" in message
         recorded, hvp = out["torch.float32"]
         assert recorded.full and hvp == FD
+
+
+def _sharded_autocast(rank, world):
+    """FSDP2 (float32 parameters), every rank on the same batch, the training pass under bf16 autocast:
+    hvp=auto stays the finite difference, with both gradients taken in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    net, twin_net = _net(), _net()
+    fully_shard(net, mesh=init_device_mesh("cpu", (world,)))
+    x, y = _batch()
+    loss_fn = _ce(y)
+    refresher = HessianRefresher(SophiaH(net.parameters(), lr=1e-3), model=net, every_k=1, seed=7)
+    state = capture_rng_state()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with refresher.training_pass(0):
+            with torch.autocast("cpu", dtype=BF16):
+                out = net(x)
+            loss_fn(out).backward()
+        d = refresher.estimate(lambda: net(x), loss_fn)
+    twin = Hutchinson(seed=7)
+    exact = _exact_v_hv(twin_net, x, loss_fn, [twin.probe(p) for p in twin_net.parameters()], state)
+    full = _flat([t.full_tensor() for t in d])
+    return refresher.estimator.hvp, _rel(full, exact), [str(w.message) for w in caught if w.category is UserWarning]
+
+
+def test_fsdp2_autocast_pass_takes_float32_gradients():
+    for hvp, err, caught in spawn(_sharded_autocast):
+        assert hvp == FD and not caught
+        assert err < 1e-2, err
