@@ -233,8 +233,8 @@ class Hutchinson(HessianEstimator):
         when this runs: a perturbation of relative size 3.5e-4 is below bf16's resolution (3.9e-3)
         and at fp16's and TF32's (9.8e-4), so the difference of the gradients would be rounding
         noise. ``grads`` must come from a pass in full precision too, which this cannot see: reusing
-        a gradient made under bf16 autocast gives a relative error of about 6 in ``v * Hv``, under
-        fp16 autocast or TF32 about 0.7 (docs/results/hvp_precision).
+        a gradient made under bf16 autocast gives a relative error of 1.2-6.9 in ``v * Hv``, under
+        fp16 autocast or TF32 0.15-0.76 (docs/results/hvp_precision).
         :class:`~flatsophia.hessian.refresh.HessianRefresher` records the training pass's precision
         and then takes both gradients itself in float32 (:func:`~flatsophia.hessian.precision.full_precision`).
 

@@ -124,7 +124,7 @@ class HessianRefresher:
             both gradients in float32. It starts as the finite difference when ``model`` is given and the
             precision in effect at construction is full, else as the double backward.
             A finite difference after a reduced-precision pass never reuses that pass's gradient (its
-            relative error would be 0.7-7, docs/performance.md): the refresh takes both gradients itself
+            relative error would be 0.15-7, docs/performance.md): the refresh takes both gradients itself
             in float32 with autocast and TF32 off (one more forward+backward), with one warning when
             ``"finite_difference"`` was asked for explicitly.
         reduce: ``flat_tensor -> mean over ranks`` (e.g. :func:`distributed_mean`, or Lightning's
@@ -328,7 +328,7 @@ class HessianRefresher:
             self._warned_precision = True
             warnings.warn(
                 f"hvp=finite_difference: the training pass ran with {precision.describe()}. A finite difference "
-                "reusing its gradient is off by a relative 0.7-7 (docs/performance.md), so each refresh takes "
+                "reusing its gradient is off by a relative 0.15-7 (docs/performance.md), so each refresh takes "
                 "both gradients itself in float32 with autocast and TF32 off (one more forward+backward). "
                 "hvp='auto' picks the double backward here (the finite difference under FSDP2).",
                 UserWarning,
