@@ -60,7 +60,7 @@ def test_equals_a_hand_written_loop(refresh_prob):
     batches = _batches()
     model = _model()
     opt = SophiaH(model.parameters(), lr=1e-2)
-    refresher = HessianRefresher(opt, model=model, every_k=3, refresh_prob=refresh_prob, seed=4)
+    refresher = HessianRefresher(opt, model=model, every_k=3, refresh_prob=refresh_prob, seed=4, hvp="autograd")
     got = _refresher_loop(model, opt, refresher, batches, share=False)
 
     ref_model = _model()

@@ -29,6 +29,7 @@ from .base import (
     preserved_buffers,
     replayed_rng,
 )
+from .precision import record_precision
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 HVP_MODES = ("autograd", "finite_difference")
@@ -247,10 +248,14 @@ class Hutchinson(HessianEstimator):
         noise: with one Gaussian probe each coordinate's relative standard deviation is at least
         ``sqrt(2)``.
 
-        **Precision.** Half-precision parameters, or autocast, are refused: a perturbation of
-        relative size 3.5e-4 is below bf16's resolution (3.9e-3) and at fp16's (9.8e-4), so rounding
-        the weights to half precision (storage, or autocast's casts) would erase most of it and the
-        difference of the gradients would be rounding noise.
+        **Precision.** Half-precision parameters, autocast, and TF32 matmuls on CUDA are refused
+        when this runs: a perturbation of relative size 3.5e-4 is below bf16's resolution (3.9e-3)
+        and at fp16's and TF32's (9.8e-4), so the difference of the gradients would be rounding
+        noise. ``grads`` must come from a pass in full precision too, which this cannot see: reusing
+        a gradient made under bf16 autocast gives a relative error of 1.2-6.9 in ``v * Hv``, under
+        fp16 autocast or TF32 0.15-0.76 (docs/results/hvp_precision).
+        :class:`~flatsophia.hessian.refresh.HessianRefresher` records the training pass's precision
+        and then takes both gradients itself in float32 (:func:`~flatsophia.hessian.precision.full_precision`).
 
         **No side effects.** The perturbed pass replays ``rng_state`` (the global RNG state, CPU and
         CUDA, captured just before the pass that produced ``grads``: the same dropout and
@@ -345,13 +350,20 @@ def finite_difference_step(c: float, theta_norm: float, probe_norm: float) -> fl
 
 
 def _check_precision(params: Sequence[torch.Tensor]) -> None:
+    """Refuse to perturb the weights where the perturbed pass would not run in full precision."""
     reason = (
-        "it perturbs the weights by a relative ~3.5e-4, below bf16/fp16 resolution, so the difference of "
+        "it perturbs the weights by a relative ~3.5e-4, below bf16/fp16/TF32 resolution, so the difference of "
         "the two gradients would be rounding noise; use hvp=autograd, or 32-bit precision"
     )
     half = sorted({str(p.dtype).removeprefix("torch.") for p in params if p.dtype in _HALF})
     if half:
         raise ValueError(f"hvp=finite_difference needs float32 or float64 parameters, got {', '.join(half)}: {reason}")
-    for device_type in sorted({p.device.type for p in params}):
-        if torch.is_autocast_enabled(device_type):
-            raise RuntimeError(f"hvp=finite_difference cannot run under autocast ({device_type}): {reason}")
+    precision = record_precision(params)
+    if precision.autocast is not None:
+        devices = ", ".join(sorted(d for d in {p.device.type for p in params} if torch.is_autocast_enabled(d)))
+        raise RuntimeError(f"hvp=finite_difference cannot run under autocast ({devices}): {reason}")
+    if not precision.full:
+        raise RuntimeError(
+            f"hvp=finite_difference cannot run with {precision.describe()}: {reason} "
+            "(or run it inside flatsophia.hessian.precision.full_precision())"
+        )

@@ -19,8 +19,9 @@ types for checkpoints. Torch only: the template's Lightning module uses it, and 
         if refresher.shares_forward(step):  # one forward for the gradient and the estimate
             loss, estimates = refresher.forward_backward(forward, loss_fn)
         else:
-            loss = loss_fn(forward())
-            loss.backward()
+            with refresher.training_pass(step):  # records its gradient and precision (finite difference)
+                loss = loss_fn(forward())
+                loss.backward()
         refresher.maybe_refresh(step, forward, loss_fn, estimates)  # -> opt.update_hessian
         opt.step()
         opt.zero_grad()
@@ -29,13 +30,11 @@ types for checkpoints. Torch only: the template's Lightning module uses it, and 
 The two lines with ``shares_forward`` are an optimisation; ``loss.backward()`` then
 ``maybe_refresh(step, forward, loss_fn)`` alone is the same schedule with a fresh forward on refresh
 steps. With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double
-backward) ``shares_forward`` is ``False``; wrap the training pass instead, so the refresh reuses its
-gradient and replays its dropout masks (one extra forward+backward per refresh); in the loop::
-
-        with refresher.training_pass(step):
-            loss = loss_fn(forward())
-            loss.backward()
-        refresher.maybe_refresh(step, forward, loss_fn)
+backward) ``shares_forward`` is ``False``, and :meth:`~HessianRefresher.training_pass` lets the refresh
+reuse the pass's gradient and replay its dropout masks (one extra forward+backward per refresh).
+The default ``hvp="auto"`` follows the precision ``training_pass`` records (put ``torch.autocast``
+around the forward, inside or outside it): the finite difference after a float32 pass, the double
+backward after a bf16/fp16-autocast or TF32 one (see :func:`~flatsophia.hessian.precision.choose_hvp`).
 
 Float16 mixed precision with a ``torch.amp.GradScaler``: pass ``scaler=scaler`` and back-propagate
 ``scaler.scale(loss)`` in the training pass as usual (``forward_backward`` does that itself), then
@@ -66,8 +65,9 @@ from torch import nn
 from flatsophia.checks import check_int, check_probability
 from flatsophia.sharding import any_dtensor
 
-from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention
-from .hutchinson import SHARDED_AUTOGRAD
+from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention, replayed_rng
+from .hutchinson import HVP_MODES, SHARDED_AUTOGRAD
+from .precision import TrainingPrecision, choose_hvp, full_precision, record_precision
 
 __all__ = ["HessianRefresher", "check_estimator_fits", "distributed_mean"]
 
@@ -121,10 +121,19 @@ class HessianRefresher:
             from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
         distribution, n_probes: Hutchinson's probe distribution and probes per estimate.
         seed: seed of the estimator's generator.
-        hvp: Hutchinson's Hessian-vector product, ``"autograd"`` (double backward) or
-            ``"finite_difference"`` (two gradients, see :meth:`Hutchinson.finite_difference
+        hvp: Hutchinson's Hessian-vector product: ``"auto"`` (default), ``"autograd"`` (double
+            backward) or ``"finite_difference"`` (two gradients, see :meth:`Hutchinson.finite_difference
             <flatsophia.hessian.hutchinson.Hutchinson.finite_difference>` and :meth:`training_pass`);
-            ignored (with a warning) by the other estimators.
+            ignored (with a warning, except ``"auto"``) by the other estimators. ``"auto"`` follows
+            the precision :meth:`training_pass` records (:func:`~flatsophia.hessian.precision.choose_hvp`):
+            the finite difference after a full-precision pass, the double backward after a reduced-precision
+            one (autocast, TF32, half parameters), and under FSDP2 always the finite difference, then with
+            both gradients in float32. It starts as the finite difference when ``model`` is given and the
+            precision in effect at construction is full, else as the double backward.
+            A finite difference after a reduced-precision pass never reuses that pass's gradient (its
+            relative error would be 0.15-7, docs/performance.md): the refresh takes both gradients itself
+            in float32 with autocast and TF32 off (one more forward+backward), with one warning when
+            ``"finite_difference"`` was asked for explicitly.
         reduce: ``flat_tensor -> mean over ranks`` (e.g. :func:`distributed_mean`, or Lightning's
             ``strategy.reduce``); ``None`` on one process, and with sharded (FSDP2) parameters,
             whose estimates FSDP averages already (anything else raises ``ValueError``).
@@ -155,7 +164,7 @@ class HessianRefresher:
         distribution: str = "gaussian",
         n_probes: int = 1,
         seed: int = 0,
-        hvp: str = "autograd",
+        hvp: str = "auto",
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimizer_name: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
@@ -176,6 +185,9 @@ class HessianRefresher:
         self.skipped = 0
         self._rng: torch.Generator | None = None  # created on first use (see `rng`)
         self._pass: _TrainingPass | None = None  # recorded by training_pass for a finite difference
+        self._warned_precision = False
+        if hvp != "auto" and hvp not in HVP_MODES:
+            raise ValueError(f"Invalid hvp: {hvp!r} (expected auto or one of {', '.join(HVP_MODES)})")
 
         needed = getattr(optimizer, "hessian_estimator", "none")
         asked = estimator.name if isinstance(estimator, HessianEstimator) else estimator
@@ -187,7 +199,7 @@ class HessianRefresher:
                 stacklevel=2,
             )
         check_estimator_fits(asked, needed, self.optimizer_name)
-        if hvp != "autograd" and needed != "hutchinson":
+        if hvp not in ("auto", "autograd") and needed != "hutchinson":
             warnings.warn(
                 f"hessian.hvp={hvp} only applies to the Hutchinson estimator; optimizer "
                 f"{self.optimizer_name!r} uses {needed!r}, so it is ignored.",
@@ -195,6 +207,12 @@ class HessianRefresher:
                 stacklevel=2,
             )
         self.estimator_name = needed
+        params = optimizer.hessian_params() if needed != "none" else []
+        self.sharded = any_dtensor(params)
+        # hvp="auto" (Hutchinson built here): re-chosen from the precision each training_pass records
+        self.hvp_auto = hvp == "auto" and needed == "hutchinson" and not isinstance(estimator, HessianEstimator)
+        if self.hvp_auto:
+            hvp = choose_hvp(record_precision(params, model), self.sharded) if model or self.sharded else "autograd"
         if isinstance(estimator, HessianEstimator):
             self.estimator: HessianEstimator | None = estimator
         else:
@@ -207,11 +225,11 @@ class HessianRefresher:
                 "hvp=finite_difference needs model= (the network: its buffers, e.g. BatchNorm "
                 "statistics, are restored after the perturbed pass)"
             )
-        params = optimizer.hessian_params() if self.estimator is not None else []
-        self.sharded = any_dtensor(params)
         if self.sharded:
             if self.estimator_name == "hutchinson" and not self.finite_difference:
                 raise ValueError(SHARDED_AUTOGRAD)
+            if self.estimator_name == "hutchinson":
+                choose_hvp(record_precision(params, model), sharded=True)  # half-precision FSDP2: refused
             if reduce is not None:
                 raise ValueError(
                     "The optimizer's parameters are sharded (FSDP2 DTensors): its Hessian estimates come from "
@@ -275,6 +293,11 @@ class HessianRefresher:
         scale with one). Otherwise a no-op.
         Sharded parameters (FSDP2): the pass's gradient is read from ``.grad`` (its value after the
         pass minus the one before, when micro-batches accumulate), already averaged over ranks.
+
+        It also records the precision the pass runs in (:func:`~flatsophia.hessian.precision.record_precision`,
+        read when ``model``'s forward starts, so inside the loop's autocast region: autocast dtype,
+        TF32, FSDP2's ``param_dtype``). ``hvp="auto"`` is chosen again from it; a finite difference
+        after a reduced-precision pass takes its own float32 gradient instead of this pass's.
         """
         self._pass = None
         if not (self.finite_difference and self.due(step, peek=True)):
@@ -284,24 +307,53 @@ class HessianRefresher:
         # under a GradScaler the pass back-propagates loss * scale / loss_divisor
         divisor = loss_divisor / self.loss_scale()
         record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), divisor)
-        if self.sharded:
-            # FSDP2: the sharded parameters are not in the graph (hooks on them never fire); this
-            # pass's gradient, averaged over ranks, is what its backward adds to .grad.
-            before = [None if p.grad is None else p.grad.detach().clone() for p in params]
-            yield
-            record.grads = [
-                None if p.grad is None else p.grad.detach().clone() if b is None else p.grad.detach() - b
-                for p, b in zip(params, before)
-            ]
-            self._pass = record
-            return
-        handles = [p.register_hook(record.hook(i)) for i, p in enumerate(params) if p.requires_grad]
+        record.precision = record_precision(params, self.model)
+        seen: list[TrainingPrecision] = []
+        watch = self.model.register_forward_pre_hook(
+            lambda module, args: None if seen else seen.append(record_precision(params, module))
+        )
         try:
-            yield
+            if self.sharded:
+                # FSDP2: the sharded parameters are not in the graph (hooks on them never fire); this
+                # pass's gradient, averaged over ranks, is what its backward adds to .grad.
+                before = [None if p.grad is None else p.grad.detach().clone() for p in params]
+                yield
+                record.grads = [
+                    None if p.grad is None else p.grad.detach().clone() if b is None else p.grad.detach() - b
+                    for p, b in zip(params, before)
+                ]
+            else:
+                handles = [p.register_hook(record.hook(i)) for i, p in enumerate(params) if p.requires_grad]
+                try:
+                    yield
+                finally:
+                    for h in handles:
+                        h.remove()
         finally:
-            for h in handles:
-                h.remove()
+            watch.remove()
+        record.precision = seen[0] if seen else record.precision
         self._pass = record
+        self._follow_precision(record.precision)
+
+    def _follow_precision(self, precision: TrainingPrecision) -> None:
+        """``hvp="auto"``: the form for ``precision``; an explicit finite difference after a
+        reduced-precision pass: one warning that its gradient is not reused."""
+        if self.hvp_auto:
+            hvp = choose_hvp(precision, self.sharded)
+            if hvp != self.estimator.hvp:
+                self.estimator.hvp, self.estimator.math_sdpa = hvp, hvp == "autograd"
+            if hvp != "finite_difference":
+                self._pass = None
+        elif not precision.full and not self._warned_precision:
+            self._warned_precision = True
+            warnings.warn(
+                f"hvp=finite_difference: the training pass ran with {precision.describe()}. A finite difference "
+                "reusing its gradient is off by a relative 0.15-7 (docs/performance.md), so each refresh takes "
+                "both gradients itself in float32 with autocast and TF32 off (one more forward+backward). "
+                "hvp='auto' picks the double backward here (the finite difference under FSDP2).",
+                UserWarning,
+                stacklevel=4,  # the loop's `with refresher.training_pass(...)`
+            )
 
     # -------------------------------------------------------------- estimate
     def forward_backward(
@@ -345,22 +397,28 @@ class HessianRefresher:
         """The estimator's output for ``loss_fn(forward())``, one entry per Hessian parameter.
 
         With ``hvp="finite_difference"`` it reuses the gradient and RNG state recorded by
-        :meth:`training_pass` (consumed here); without one, it takes both gradients itself.
+        :meth:`training_pass` (consumed here) when that pass ran in full precision; otherwise
+        (none recorded, or a reduced-precision pass: then replaying its RNG state) it takes both
+        gradients itself. Either way the refresh's passes run in float32 (autocast and TF32 off).
         """
         params = self.optimizer.hessian_params()
         if self.finite_difference:
             record, self._pass = self._pass, None
-            if record is None:
-                return self.estimator(forward, loss_fn, params, module=self.model)
-            return self.estimator.finite_difference(
-                record.grads,
-                forward,
-                loss_fn,
-                params,
-                rng_state=record.rng_state,
-                module=self.model,
-                loss_divisor=record.loss_divisor,
-            )
+            with full_precision({p.device.type for p in params}):
+                if record is None:
+                    return self.estimator(forward, loss_fn, params, module=self.model)
+                if not record.precision.full:
+                    with replayed_rng(record.rng_state):  # the training pass's dropout masks
+                        return self.estimator(forward, loss_fn, params, module=self.model)
+                return self.estimator.finite_difference(
+                    record.grads,
+                    forward,
+                    loss_fn,
+                    params,
+                    rng_state=record.rng_state,
+                    module=self.model,
+                    loss_divisor=record.loss_divisor,
+                )
         # module: whose buffers the extra forward keeps (and, sharded, whose other .grad a backward keeps)
         kwargs = {"module": self.model} if self.model is not None else {}
         if self.loss_scale() != 1:
@@ -476,11 +534,13 @@ class HessianRefresher:
 
 class _TrainingPass:
     """What :meth:`HessianRefresher.training_pass` records: the RNG state before the pass and the
-    pass's own gradient of each Hessian parameter (``None`` where the loss does not reach it)."""
+    pass's own gradient of each Hessian parameter (``None`` where the loss does not reach it), and
+    the precision it ran in."""
 
     def __init__(self, step: int, rng_state: dict, n: int, loss_divisor: float):
         self.step, self.rng_state, self.loss_divisor = step, rng_state, loss_divisor
         self.grads: Estimates = [None] * n
+        self.precision = TrainingPrecision()
 
     def hook(self, i: int) -> Callable[[torch.Tensor], None]:
         def capture(grad: torch.Tensor) -> None:

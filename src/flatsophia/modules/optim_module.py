@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -25,6 +26,7 @@ from torchmetrics import MaxMetric, MeanMetric, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from flatsophia.hessian import HessianRefresher
+from flatsophia.hessian.precision import choose_hvp, record_precision
 from flatsophia.optim import SOAP
 from flatsophia.optim.factory import param_groups, spec_for
 from flatsophia.optim.schedules import warmup_decay
@@ -52,23 +54,31 @@ def _autocast_off(device: torch.device):
         return contextlib.nullcontext()
 
 
-#: Trainer precisions in which ``hessian.hvp=finite_difference`` runs (no half-precision rounding).
-FULL_PRECISION = ("32-true", "32", "64-true", "64")
+#: What Lightning's ``trainer.precision`` rounds the training pass to (TF32 and FSDP2's policy are
+#: read from the model, see :func:`~flatsophia.hessian.precision.record_precision`).
+LIGHTNING_PRECISION = {
+    "bf16-mixed": {"autocast": torch.bfloat16},
+    "16-mixed": {"autocast": torch.float16},
+    "bf16-true": {"param_dtype": torch.bfloat16},
+    "16-true": {"param_dtype": torch.float16},
+}
 
 
-def resolve_hvp(hvp: str, estimator: str, precision: str, sharded: bool = False) -> str:
-    """``hessian.hvp`` with ``auto`` resolved: ``finite_difference`` (one extra forward+backward per
-    refresh instead of a double backward; the only form FSDP2 runs) in 32/64-bit training, where
-    the overfit study's outcome did not change with it (docs/claims.md), and ``autograd`` under half
-    or mixed precision, where a finite difference would be rounding noise (except when sharded: the
-    finite difference is then refused with its reason). Only the Hutchinson estimator takes an
-    ``hvp``; for the others ``auto`` is ``autograd``, which they ignore."""
+def resolve_hvp(hvp: str, estimator: str, precision: str, net: nn.Module, sharded: bool = False) -> str:
+    """``hessian.hvp`` with ``auto`` resolved by the library's rule
+    (:func:`~flatsophia.hessian.precision.choose_hvp`, the refresher's ``hvp="auto"``) for training in
+    ``precision`` (Lightning's ``trainer.precision``) plus what ``net`` and the global flags show (TF32
+    on CUDA, an FSDP2 ``param_dtype``): the finite difference in full precision, the double backward in
+    reduced precision, and under FSDP2 the finite difference (its gradients then taken in float32).
+    Only the Hutchinson estimator takes an ``hvp``; for the others ``auto`` is ``autograd``, which they
+    ignore."""
     if hvp != "auto":
         return hvp
     if estimator != "hutchinson":
         return "autograd"
-    choice = "finite_difference" if precision in FULL_PRECISION or sharded else "autograd"
-    log.info("hessian.hvp=auto: %s (trainer.precision=%s%s)", choice, precision, ", FSDP2" if sharded else "")
+    recorded = dataclasses.replace(record_precision(net.parameters(), net), **LIGHTNING_PRECISION.get(precision, {}))
+    choice = choose_hvp(recorded, sharded)
+    log.info("hessian.hvp=auto: %s (%s%s)", choice, recorded.describe(), ", FSDP2" if sharded else "")
     return choice
 
 
@@ -87,7 +97,7 @@ class OptimLitModule(L.LightningModule):
         scheduler: ``{name: constant|cosine|linear, warmup_steps, min_lr_ratio, total_steps}``;
             ``total_steps: null`` uses the trainer's number of optimizer steps.
         hessian: ``{estimator: auto|none|gnb|hutchinson, every_k, refresh_prob, distribution,
-            n_probes, seed, hvp: autograd|finite_difference}``; ``auto`` picks the estimator the
+            n_probes, seed, hvp: auto|autograd|finite_difference}``; ``auto`` picks the estimator the
             optimizer consumes.
         task: ``"classification"`` or ``"lm"`` (cross-entropy over the last dim either way).
         num_classes: classes, or vocabulary size for ``lm``.
@@ -214,7 +224,7 @@ class OptimLitModule(L.LightningModule):
             )
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         estimator = getattr(opt, "hessian_estimator", "none")
-        hvp = resolve_hvp(self.hessian_cfg["hvp"], estimator, precision, sharded)
+        hvp = resolve_hvp(self.hessian_cfg["hvp"], estimator, precision, self.net, sharded)
         self.refresher = HessianRefresher(
             opt,
             **{**self.hessian_cfg, "hvp": hvp},
@@ -225,12 +235,6 @@ class OptimLitModule(L.LightningModule):
         if self._refresher_state is not None:
             self.refresher.load_state_dict(self._refresher_state)
             self._refresher_state = None
-        if self.refresher.finite_difference and precision not in FULL_PRECISION:
-            raise ValueError(
-                f"hessian.hvp=finite_difference does not run with trainer.precision={precision}: it perturbs "
-                "the weights by a relative ~3.5e-4, below half-precision resolution, so the difference of the "
-                "two gradients would be rounding noise. Use hessian.hvp=autograd, or 32-bit precision."
-            )
         total = self.scheduler_cfg["total_steps"] or self._total_optimizer_steps()
         sched = warmup_decay(
             opt,
