@@ -27,8 +27,6 @@ TESTS = Path(__file__).resolve().parents[1]
 RUN = [
     *[o for o in TINY if not o.startswith(("logger=", "++trainer.limit_val_batches"))],
     "logger=csv",
-    "data=charlm",
-    "data.max_chars=20000",
     "data.block_size=16",
     "data.batch_size=4",
     "model=gpt",
@@ -127,12 +125,30 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
     return [r for i, r in enumerate(rows) if i == 0 or r != rows[i - 1]]
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_requeued_job_resumes_bit_exactly(tmp_path, data_dir, world):
-    """``world=2``: two DDP ranks (gloo); only rank 0 gets the signal, both save and stop at the same step."""
-    _, straight_dir = _run(tmp_path / "a", data_dir, "1001", world=world)
+#: The data: the charlm corpus (epochs of shuffled sequences), or token files (data=tokens: random
+#: windows keyed by the batch index, which the checkpoint carries).
+CHARLM = ["data=charlm", "data.max_chars=20000"]
 
-    _run(tmp_path / "b", data_dir, "2002", *SIGNAL, world=world)
+
+def _tokens(token_files: Path) -> list[str]:
+    return [
+        "data=tokens",
+        f"data.data_dir={token_files.parent}",
+        "data.dataset=bytes",
+        "data.num_classes=256",
+        "data.eval_batch_size=2",
+        "data.eval_iters=1",
+        "data.num_workers=0",
+    ]
+
+
+@pytest.mark.parametrize("world,data", [(1, "charlm"), (2, "charlm"), (1, "tokens")])
+def test_requeued_job_resumes_bit_exactly(tmp_path, data_dir, world, data, request):
+    """``world=2``: two DDP ranks (gloo); only rank 0 gets the signal, both save and stop at the same step."""
+    data = CHARLM if data == "charlm" else _tokens(request.getfixturevalue("token_files"))
+    _, straight_dir = _run(tmp_path / "a", data_dir, "1001", *data, world=world)
+
+    _run(tmp_path / "b", data_dir, "2002", *data, *SIGNAL, world=world)
     assert (tmp_path / "b" / "scontrol.calls").read_text().split() == ["requeue", "2002"]  # rank 0, once
     (hpc,) = run_dir_of(tmp_path / "b", "2002").glob("hpc_ckpt_*.ckpt")
     saved = torch.load(hpc, weights_only=True)
@@ -140,7 +156,7 @@ def test_requeued_job_resumes_bit_exactly(tmp_path, data_dir, world):
     assert saved["global_step"] == 5 and saved["epoch"] == 1
     assert saved["flatsophia"]["micro"] == 0 and saved["flatsophia"]["refresher"]["refreshes"] >= 2
 
-    second, run_dir = _run(tmp_path / "b", data_dir, "2002", *SIGNAL, world=world)  # the requeued job
+    second, run_dir = _run(tmp_path / "b", data_dir, "2002", *data, *SIGNAL, world=world)  # the requeued job
     assert "resuming the requeued job from" in second
 
     a = torch.load(straight_dir / "checkpoints" / "last.ckpt", weights_only=True)

@@ -280,7 +280,8 @@ def _fp16_refresh(name, share, scaler, x, y):
     """One refresh under float16 autocast on CPU: the estimate and the unscaled training gradient."""
     model = _model()
     opt = get_spec(name).cls(model.parameters(), lr=1e-2)
-    refresher = HessianRefresher(opt, model=model, every_k=1, seed=3, scaler=scaler)
+    # the double backward: the form that shares the training forward (hvp="auto" needs training_pass)
+    refresher = HessianRefresher(opt, model=model, every_k=1, seed=3, scaler=scaler, hvp="autograd")
     seen = []
     refresher.apply = seen.append
     forward, loss_fn = (lambda: model(x)), (lambda out: _loss(out, y))
@@ -340,7 +341,7 @@ def test_grad_scaler_overflow_skips_the_estimate_as_the_step():
     model = _model()
     opt = SophiaH(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**40)
-    refresher = HessianRefresher(opt, model=model, every_k=1, seed=3, scaler=scaler)
+    refresher = HessianRefresher(opt, model=model, every_k=1, seed=3, scaler=scaler, hvp="autograd")
     before = [p.detach().clone() for p in model.parameters()]
     with torch.autocast("cpu", dtype=torch.float16):
         _, estimates = refresher.forward_backward(lambda: model(x), lambda out: _loss(out, y))
