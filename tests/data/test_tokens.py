@@ -189,3 +189,11 @@ def test_bad_inputs_are_named(token_files, tmp_path):
     assert torch.equal(dm.train_windows().batch(0)[0], datamodule(token_files).train_windows().batch(0)[0])
     with pytest.raises(ValueError, match=r"holds \d+ tokens: fewer than block_size \+ 1"):
         datamodule(token_files, block_size=10**7)
+
+
+def test_each_epoch_continues_the_stream(token_files, tmp_path):
+    """Epochs bounded by limit_train_batches: the second epoch reads batches 3-5, not 0-2 again."""
+    seen = fit(token_files, tmp_path, max_steps=-1, max_epochs=2, limit_train_batches=3)
+    one = TrainWindows(TokenFile(token_files / "train.bin", "uint16"), 8, batch_size=2, seed=7)
+    assert len(seen) == 6
+    assert all(torch.equal(x, one.batch(i)[0]) for i, x in enumerate(seen))

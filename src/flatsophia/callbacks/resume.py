@@ -26,13 +26,16 @@ class ExactResume(L.Callback):
     earlier (``trainer.estimated_stepping_batches``, for the schedule's length, in
     ``configure_optimizers``), so the first iterator was already made from scratch. At
     ``on_train_start`` (after the restore, before the first batch) the state is loaded and the
-    iterator made again.
+    iterator made again. That is done for every training loader, stateful or not: a loader that
+    starts each iterator at the position the restored progress gives (``data=tokens``) needs the
+    new iterator as well.
     """
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fit_loop = trainer.fit_loop
-        if fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._data_fetcher is not None:
-            fit_loop._load_combined_loader_states()
+        if fit_loop.restarting and fit_loop._data_fetcher is not None:
+            if fit_loop._combined_loader_states_to_load:
+                fit_loop._load_combined_loader_states()
             for dl in fit_loop._combined_loader.flattened:  # the epoch's order (DistributedSampler: seed + epoch)
                 _set_sampler_epoch(dl, fit_loop.epoch_progress.current.processed)
             iter(fit_loop._data_fetcher)  # a new iterator from the loaded state (and its look-ahead batch)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from flatsophia.checks import check_int
 
 from ._base import TensorSplitsDataModule, check_declared
+from .resumable import capture_rng, restore_rng
 from .token_files import META_FILE, TokenFile, batch_offsets, read_meta, read_windows
 
 __all__ = ["TokensDataModule", "TrainWindows", "FixedWindows"]
@@ -81,6 +82,37 @@ class TrainWindows(IterableDataset):
         while True:
             yield self.batch(index)
             index += workers
+
+
+class _FromPosition(DataLoader):
+    """A loader of a :class:`TrainWindows` stream whose every iterator (one per epoch) starts at the
+    batches read so far, ``position()``: epoch ``e`` continues the stream where epoch ``e - 1`` left
+    it (an epoch bounded by ``limit_train_batches``), and a resumed run continues where the
+    checkpoint left it. Workers are started anew for each iterator (not persistent), so they get the
+    stream's new start.
+
+    Its ``state_dict`` (which Lightning saves with every checkpoint) holds the RNG streams at the
+    checkpoint (:func:`~flatsophia.data.resumable.capture_rng`); the first iterator after a resume
+    restores them, so dropout continues as in a run never stopped."""
+
+    def __init__(self, windows: TrainWindows, position, **kwargs):
+        super().__init__(windows, **kwargs)
+        self._position = position
+        self._resume: dict | None = None
+
+    def __iter__(self):
+        self.dataset.start = self._position()
+        state, self._resume = self._resume, None
+        iterator = super().__iter__()  # draws the workers' base seed from the global RNG
+        if state is not None:
+            restore_rng(state["rng"])  # after it: the streams as at the checkpoint
+        return iterator
+
+    def state_dict(self) -> dict:
+        return {"rng": capture_rng()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state)
 
 
 class FixedWindows(Dataset):
@@ -246,12 +278,12 @@ class TokensDataModule(TensorSplitsDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return _FromPosition(
             self.train_windows(),
+            self._batches_read,
             batch_size=None,  # the dataset yields whole batches
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
         )
 
     # ------------------------------------------------------------ checkpoints
