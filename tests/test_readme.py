@@ -65,10 +65,10 @@ def make_install_args() -> list[str]:
 
 
 def test_conda_environment_installs_what_make_install_does():
+    import tomllib
+
     import yaml
     from packaging.specifiers import SpecifierSet
-
-    import tomllib
 
     env = yaml.safe_load((ROOT / "environment.yaml").read_text())
     deps = env["dependencies"]
