@@ -65,8 +65,9 @@ CONF_DIR = ROOT / "conf"
 #: the template's extras, on the oldest torch that pyproject allows.
 LIBRARY_TESTS = ("optim", "hessian", "test_packaging.py")
 #: Files in those folders that use the template's stack: timm's ViT and the template's GPT, the toy
-#: problem's plots (matplotlib). The full suite runs them.
-TEMPLATE_USERS = ("hessian/test_finite_difference.py", "optim/test_toy2d.py")
+#: problem's plots (matplotlib), the precision study and the Lightning module's hvp rule. The full
+#: suite runs them.
+TEMPLATE_USERS = ("hessian/test_finite_difference.py", "hessian/test_precision.py", "optim/test_toy2d.py")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
