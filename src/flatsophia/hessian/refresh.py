@@ -236,6 +236,7 @@ class HessianRefresher:
                     "backward passes that FSDP's reduce-scatter averages across ranks already, and each rank "
                     "holds other coordinates, so nothing may be averaged again: pass reduce=None"
                 )
+        self._init_loop(model)
 
     @property
     def finite_difference(self) -> bool:
@@ -509,6 +510,130 @@ class HessianRefresher:
         self.apply(estimates)
         return True
 
+    # ------------------------------------------------ the loop's one call
+    def _init_loop(self, model: nn.Module | None) -> None:
+        """What :meth:`backward` needs: the model as passed (the DDP wrapper trains), the unwrapped
+        module for refresh forwards and buffers, and ``reduce=distributed_mean`` under DDP."""
+        self.training_model = model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self.model = model.module
+            if self.reduce is None:
+                self.reduce = distributed_mean
+        self._steps: int | None = None  # optimizer steps taken, counted from the first backward
+        self._backward_step: int | None = None  # the step of the last backward call
+        self._hooks: list = []
+
+    def backward(
+        self,
+        inputs,
+        targets,
+        loss_fn: Callable[[torch.Tensor, object], torch.Tensor],
+        *,
+        loss_divisor: float = 1,
+    ) -> torch.Tensor:
+        """Use in place of ``loss.backward()``: the training backward, and the refresh when it is due.
+
+        Computes ``loss = loss_fn(model(inputs), targets)`` with ``model`` as passed to the
+        refresher (the ``DistributedDataParallel`` wrapper, or the ``fully_shard``-ed module) and
+        back-propagates ``loss / loss_divisor`` (times the ``scaler``'s scale with one) into
+        ``.grad``. On the first call after an ``optimizer.step()`` whose step index is :meth:`due`,
+        it also refreshes the estimate, by whichever of the lower-level paths fits: one shared
+        forward (:meth:`forward_backward`) when :meth:`shares_forward`, else the training pass
+        (:meth:`training_pass`: the finite difference reuses its gradient) and
+        :meth:`maybe_refresh` with a fresh forward of the unwrapped module. The result is that of
+        the multi-call loop with those methods, bit for bit.
+
+        The step index is the number of ``optimizer.step()`` calls, counted by an optimizer hook
+        from the first call here (starting from :meth:`load_state_dict`'s count, else from the
+        optimizer's own ``state[p]["step"]``). Further calls before ``optimizer.step()`` are
+        accumulation micro-batches: pass ``loss_divisor`` = their number to every call. Once this
+        is used, an ``optimizer.step()`` on a due step with no call here since the previous step
+        raises ``RuntimeError`` before anything changes (the refresh would be missing), and so
+        does ``optimizer.step()`` with a ``scaler`` (use ``scaler.step(optimizer)``).
+
+        Returns:
+            the undivided, unscaled loss (detached).
+        """
+        model = self.training_model
+        if model is None:
+            raise ValueError("HessianRefresher.backward needs model= (the network, as trained: DDP-wrapped or not)")
+        if isinstance(loss_divisor, bool) or not isinstance(loss_divisor, (int, float)) or not loss_divisor > 0:
+            raise ValueError(f"Invalid loss_divisor: {loss_divisor!r} (expected a positive number of micro-batches)")
+        if not self._hooks:
+            self._start_counting(model)
+        step = self._steps
+        first = self._backward_step != step
+        self._backward_step = step
+
+        def forward():
+            return model(inputs)
+
+        def loss_of(output):
+            loss = loss_fn(output, targets)
+            if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
+                raise ValueError(
+                    f"loss_fn(output, targets) must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}"
+                )
+            return loss
+
+        if not first or self.estimator is None:
+            loss = loss_of(forward())
+            self._scaled(loss, loss_divisor).backward()
+            return loss.detach()
+        refresh_forward = (lambda: self.model(inputs)) if self.model is not model else forward
+        if self.shares_forward(step):
+            loss, estimates = self.forward_backward(forward, loss_of, loss_divisor)
+            self.maybe_refresh(step, refresh_forward, loss_of, estimates)
+            return loss.detach()
+        with self.training_pass(step, loss_divisor):
+            loss = loss_of(forward())
+            self._scaled(loss, loss_divisor).backward()
+        self.maybe_refresh(step, refresh_forward, loss_of)
+        return loss.detach()
+
+    def _scaled(self, loss: torch.Tensor, loss_divisor: float) -> torch.Tensor:
+        """``loss`` as the training pass back-propagates it: times the scaler's scale, over ``loss_divisor``."""
+        if self.scaler is not None and self.scaler.is_enabled():
+            loss = self.scaler.scale(loss)
+        return loss / loss_divisor if loss_divisor != 1 else loss
+
+    def _start_counting(self, model: nn.Module) -> None:
+        """First :meth:`backward`: check the model trains the optimizer's parameters, start the step
+        count, and hook ``optimizer.step()`` to count steps and refuse a missing refresh."""
+        ours = {id(p) for p in model.parameters()}
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if params and not any(id(p) in ours for p in params):
+            raise ValueError(
+                "HessianRefresher.backward: model= does not hold the optimizer's parameters; pass the model "
+                "the optimizer trains (built with model.parameters())"
+            )
+        if self._steps is None:
+            self._steps = _optimizer_steps(self.optimizer)
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        step = self._steps
+        if self._backward_step != step and self.estimator is not None and self.due(step, peek=True):
+            raise RuntimeError(
+                f"optimizer.step() for step {step}, whose Hessian refresh is due, but refresher.backward(...) "
+                "was not called since the previous step: call refresher.backward(inputs, targets, loss_fn) "
+                "before every optimizer.step() (it refreshes the estimate on due steps)"
+            )
+        states = getattr(self.scaler, "_per_optimizer_states", None)  # GradScaler's record per optimizer
+        if self.scaler is not None and self.scaler.is_enabled() and isinstance(states, dict):
+            stage = states[id(optimizer)]["stage"] if id(optimizer) in states else None
+            if getattr(stage, "name", "READY") == "READY":  # scaler.step unscales before it steps
+                raise RuntimeError(
+                    "optimizer.step() with gradients scaled by the refresher's scaler: call "
+                    "scaler.step(optimizer) then scaler.update() instead (it unscales them first)"
+                )
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._steps += 1
+
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Plain types only (tensors, ints, strings, dicts): loads with ``torch.load(weights_only=True)``."""
@@ -517,6 +642,7 @@ class HessianRefresher:
             "schedule_rng": self.rng.get_state(),
             "refreshes": self.refreshes,
             "skipped": self.skipped,
+            "optimizer_steps": self._steps,  # backward's step count (None before its first call)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -530,6 +656,14 @@ class HessianRefresher:
         self.rng.set_state(state["schedule_rng"].cpu())  # a CPU generator's state, wherever it was mapped
         self.refreshes = int(state["refreshes"])
         self.skipped = int(state["skipped"])
+        if state.get("optimizer_steps") is not None:  # absent from older states: backward counts from the optimizer
+            self._steps = int(state["optimizer_steps"])
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps the optimizer has taken, from its state (the largest ``state[p]["step"]``; 0 without one)."""
+    steps = [s["step"] for s in optimizer.state.values() if isinstance(s, dict) and "step" in s]
+    return int(max(float(s) for s in steps)) if steps else 0
 
 
 class _TrainingPass:
