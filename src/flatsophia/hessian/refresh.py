@@ -75,17 +75,30 @@ Estimates = list[torch.Tensor | None]
 
 
 def check_estimator_fits(asked: str, needed: str, optimizer_name: str) -> None:
-    """Raise ``ValueError`` unless the estimator asked for (``auto`` fits all) is the one the optimizer needs.
+    """Raise ``ValueError`` unless the ``estimator`` asked for (``"auto"`` fits all) is the one the
+    optimizer (``optimizer_name``: its class name) consumes.
 
-    The message lists the valid combinations from the optimizer registry.
+    The message lists the valid combinations of the library's optimizer classes. (The template's
+    :func:`flatsophia.validation.check_estimator_fits` says the same in config keys.)
     """
     if asked not in ("auto", needed):
-        from flatsophia.optim.factory import estimator_combinations
-
         raise ValueError(
-            f"hessian={asked} does not fit optimizer={optimizer_name}, which needs {needed!r}. "
-            f"Valid combinations: {estimator_combinations()} (hessian=auto picks the right one)."
+            f"estimator={asked!r} does not fit {optimizer_name}, which consumes {needed!r}. "
+            f"Valid combinations: {_class_combinations()} (estimator='auto' picks the right one)."
         )
+
+
+def _class_combinations() -> str:
+    """Which optimizer classes consume which estimator, e.g. ``"SophiaG + 'gnb'; SophiaH, FlatSophia +
+    'hutchinson'; AdamW, SOAP + 'none'"``."""
+    from flatsophia.optim.factory import OPTIMIZERS
+
+    parts = []
+    for est in ("gnb", "hutchinson", "none"):
+        names = [spec.cls.__name__ for spec in OPTIMIZERS.values() if spec.hessian == est]
+        if names:
+            parts.append(f"{', '.join(dict.fromkeys(names))} + {est!r}")
+    return "; ".join(parts)
 
 
 def distributed_mean(flat: torch.Tensor) -> torch.Tensor:
@@ -193,16 +206,16 @@ class HessianRefresher:
         asked = estimator.name if isinstance(estimator, HessianEstimator) else estimator
         if asked == "auto" and needed == "none" and (every_k != 10 or refresh_prob):
             warnings.warn(
-                f"hessian.every_k/refresh_prob are set but optimizer {self.optimizer_name!r} uses no "
-                "Hessian estimate; they are ignored.",
+                f"every_k/refresh_prob are set but {type(optimizer).__name__} uses no Hessian estimate; "
+                "they are ignored.",
                 UserWarning,
                 stacklevel=2,
             )
-        check_estimator_fits(asked, needed, self.optimizer_name)
+        check_estimator_fits(asked, needed, type(optimizer).__name__)
         if hvp not in ("auto", "autograd") and needed != "hutchinson":
             warnings.warn(
-                f"hessian.hvp={hvp} only applies to the Hutchinson estimator; optimizer "
-                f"{self.optimizer_name!r} uses {needed!r}, so it is ignored.",
+                f"hvp={hvp!r} only applies to the Hutchinson estimator; {type(optimizer).__name__} "
+                f"uses {needed!r}, so it is ignored.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -443,8 +456,9 @@ class HessianRefresher:
             if "derivative" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
                 raise RuntimeError(
                     f"The {self.estimator_name} Hessian estimate failed for this model ({err}). "
-                    f"Optimizer {self.optimizer_name!r} needs a model that supports double backward; "
-                    "use optimizer=adamw or soap with it."
+                    f"{type(self.optimizer).__name__} needs a model that supports double backward here; "
+                    "use hvp='finite_difference' (Hutchinson: two gradients, no double backward), or a "
+                    "first-order optimizer (e.g. torch.optim.AdamW) with it."
                 ) from err
             raise
 
