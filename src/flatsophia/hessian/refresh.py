@@ -5,52 +5,47 @@ optimizer consumes (``"auto"``), when to refresh (every ``every_k`` optimizer st
 with probability ``refresh_prob`` from its own seeded generator), the estimate itself (from a fresh
 forward, or sharing the training forward), averaging it across data-parallel ranks (a ``reduce``
 callable), counting refreshes and rejected (non-finite) estimates, and a ``state_dict`` of plain
-types for checkpoints. Torch only: the template's Lightning module uses it, and so can a plain loop::
+types for checkpoints. Torch only: in a plain loop :meth:`~HessianRefresher.backward` replaces
+``loss.backward()``::
 
     import torch.nn.functional as F
     from flatsophia.hessian import HessianRefresher
     from flatsophia.optim import SophiaH
 
     opt = SophiaH(model.parameters(), lr=1e-3)
-    refresher = HessianRefresher(opt, model=model, every_k=10)  # estimator="auto": Hutchinson here
-    for step, (x, y) in enumerate(loader):
-        forward, loss_fn = (lambda: model(x)), (lambda out: F.cross_entropy(out, y))
-        estimates = None
-        if refresher.shares_forward(step):  # one forward for the gradient and the estimate
-            loss, estimates = refresher.forward_backward(forward, loss_fn)
-        else:
-            with refresher.training_pass(step):  # records its gradient and precision (finite difference)
-                loss = loss_fn(forward())
-                loss.backward()
-        refresher.maybe_refresh(step, forward, loss_fn, estimates)  # -> opt.update_hessian
+    refresher = HessianRefresher(opt, model=model)  # model may be DDP-wrapped or fully_shard-ed
+    for x, y in loader:
+        loss = refresher.backward(x, y, F.cross_entropy)  # and, every 10th step, the refresh
         opt.step()
         opt.zero_grad()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "refresher": refresher.state_dict()}, path)
 
-The two lines with ``shares_forward`` are an optimisation; ``loss.backward()`` then
-``maybe_refresh(step, forward, loss_fn)`` alone is the same schedule with a fresh forward on refresh
-steps. With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double
-backward) ``shares_forward`` is ``False``, and :meth:`~HessianRefresher.training_pass` lets the refresh
-reuse the pass's gradient and replay its dropout masks (one extra forward+backward per refresh).
-The default ``hvp="auto"`` follows the precision ``training_pass`` records (put ``torch.autocast``
-around the forward, inside or outside it): the finite difference after a float32 pass, the double
-backward after a bf16/fp16-autocast or TF32 one (see :func:`~flatsophia.hessian.precision.choose_hvp`).
+docs/library.md covers accumulation, mixed precision (autocast, ``scaler=`` with a
+``torch.amp.GradScaler``), DDP, FSDP2 and checkpoints. The lower-level methods that ``backward``
+combines, for loops it does not fit (another call signature, the framework runs the backward, as the
+template's Lightning module does): :meth:`~HessianRefresher.shares_forward` and
+:meth:`~HessianRefresher.forward_backward` (one forward for the gradient and the estimate),
+:meth:`~HessianRefresher.training_pass` (records the pass's gradient, RNG state and precision, so a
+finite difference reuses them) and :meth:`~HessianRefresher.maybe_refresh` (the estimate on a due
+step, handed to ``optimizer.update_hessian``); docs/library.md shows the loop they make.
 
-Float16 mixed precision with a ``torch.amp.GradScaler``: pass ``scaler=scaler`` and back-propagate
-``scaler.scale(loss)`` in the training pass as usual (``forward_backward`` does that itself), then
-``maybe_refresh`` before ``scaler.step(opt)``; the estimates come out unscaled.
+With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double backward)
+``shares_forward`` is ``False``, and ``training_pass`` lets the refresh reuse the pass's gradient and
+replay its dropout masks (one extra forward+backward per refresh). The default ``hvp="auto"``
+follows the precision ``training_pass`` records (put ``torch.autocast`` around the forward, or
+around ``backward``): the finite difference after a float32 pass, the double backward after a
+bf16/fp16-autocast or TF32 one (see :func:`~flatsophia.hessian.precision.choose_hvp`).
 
-Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken with
-``torch.autograd.grad`` bypass DDP's gradient hooks, so each rank's estimate is averaged here), call
-``maybe_refresh`` with the unwrapped module's forward, and ``shares_forward`` is always ``False``
-(the training gradient must go through DDP).
+Under ``torch.distributed`` with DDP the estimates taken with ``torch.autograd.grad`` bypass DDP's
+gradient hooks, so each rank's estimate is averaged by ``reduce`` (``distributed_mean`` by default
+when ``model`` is the ``DistributedDataParallel`` wrapper), the refresh forwards use the unwrapped
+module, and ``shares_forward`` is always ``False`` (the training gradient must go through DDP).
 
 Sharded data parallelism (FSDP2, ``fully_shard``: the optimizer's parameters are DTensors): the
-same loop, with the ``fully_shard``-ed model's forward and ``reduce=None``. Every estimate then
-comes from ordinary ``backward()`` passes, which FSDP's reduce-scatter averages across ranks (no
-further reduce): Gauss-Newton-Bartlett's sampled-label gradient, and Hutchinson with
-``hvp="finite_difference"`` (``hvp="autograd"`` is refused); the training gradient in ``.grad`` is
-set aside and put back, and :meth:`training_pass` records it from ``.grad``.
+``fully_shard``-ed model and ``reduce=None``. Every estimate then comes from ordinary ``backward()``
+passes, which FSDP's reduce-scatter averages across ranks (no further reduce): Gauss-Newton-Bartlett's
+sampled-label gradient, and Hutchinson with ``hvp="finite_difference"`` (``hvp="autograd"`` is
+refused); the training gradient in ``.grad`` is set aside and put back, and :meth:`training_pass`
+records it from ``.grad``.
 """
 
 from __future__ import annotations
@@ -115,7 +110,8 @@ def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
 
 
 class HessianRefresher:
-    """Refreshes ``optimizer``'s Hessian estimate on schedule; see the module docstring for a loop.
+    """Refreshes ``optimizer``'s Hessian estimate on schedule; :meth:`backward` is the loop's one call
+    (see the module docstring and docs/library.md).
 
     Args:
         optimizer: the optimizer (its ``hessian_estimator`` attribute names the estimator it
@@ -124,11 +120,13 @@ class HessianRefresher:
         estimator: ``"auto"`` (the one the optimizer consumes), that estimator's name (anything else
             raises ``ValueError`` listing the valid combinations), or a
             :class:`~flatsophia.hessian.base.HessianEstimator` instance of the right kind.
-        model: the network (unwrapped, not the DDP wrapper), whose buffers (BatchNorm running
-            statistics and batch counter) every refresh's extra forward leaves as they were: pass
-            it whenever the network has buffers (needed for ``hvp="finite_difference"``). A shared
-            forward (:meth:`forward_backward`) is the training forward itself, which updates them
-            once, as training without a refresh does.
+        model: the network, whose buffers (BatchNorm running statistics and batch counter) every
+            refresh's extra forward leaves as they were: pass it whenever the network has buffers
+            (needed for ``hvp="finite_difference"`` and :meth:`backward`). A shared forward
+            (:meth:`forward_backward`) is the training forward itself, which updates them once, as
+            training without a refresh does. A ``DistributedDataParallel`` wrapper is what
+            :meth:`backward` trains through; the refresh uses its ``.module`` (the ``model``
+            attribute), and ``reduce`` defaults to :func:`distributed_mean`.
         every_k: refresh at every ``every_k``-th optimizer step (steps 0, k, 2k, ...).
         refresh_prob: instead, refresh each step with this probability (always at step 0), drawn
             from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
