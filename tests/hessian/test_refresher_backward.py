@@ -285,12 +285,24 @@ def _ddp_worker(rank, world):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         out["fsdp"] = _ddp_run("sophia_h", rows, 1, ddp=False, shard=True)
+    # the unwrapped model on 2 ranks: nothing would be averaged
+    model = _net(F64, dropout=0.0)
+    refresher = HessianRefresher(SophiaH(model.parameters()), model=model)
+    try:
+        refresher.backward(*(t[0, rows] for t in _data(F64)), F.cross_entropy)
+    except ValueError as err:
+        out["unwrapped"] = str(err)
     return out
 
 
 @pytest.fixture(scope="module")
 def ranks():
     return spawn(_ddp_worker)
+
+
+def test_an_unwrapped_model_on_two_ranks_is_refused(ranks):
+    for out in ranks:
+        assert "on 2 ranks with a model that is neither DistributedDataParallel" in out["unwrapped"]
 
 
 @pytest.mark.parametrize("case", DDP_CASES + ["fsdp"], ids=str)

@@ -619,6 +619,15 @@ class HessianRefresher:
                 "HessianRefresher.backward: model= does not hold the optimizer's parameters; pass the model "
                 "the optimizer trains (built with model.parameters())"
             )
+        dist = torch.distributed
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if ranks > 1 and self.reduce is None and not self.sharded and not any_dtensor(model.parameters()):
+            raise ValueError(
+                f"HessianRefresher.backward on {ranks} ranks with a model that is neither DistributedDataParallel "
+                "nor fully_shard-ed: neither the gradients nor the estimates would be averaged across ranks. Pass "
+                "model=DistributedDataParallel(model) (or the fully_shard-ed model), or reduce= to average the "
+                "estimates if the loop averages the gradients itself"
+            )
         if self._steps is None:
             self._steps = _optimizer_steps(self.optimizer)
         self._hooks = [
