@@ -132,7 +132,7 @@ def test_backward_equals_the_multi_call_loop(name, hvp, accumulate, prob):
     if name != "adamw":
         assert refresher.refreshes == (3 if prob is None else ref_refresher.refreshes) and refresher.refreshes >= 2
         assert min(wins) > 0.5, f"unclipped fraction {min(wins):.2f}: the estimates barely reach the update"
-        assert refresher.estimator.hvp == ref_refresher.estimator.hvp if name != "sophia_g" else True
+        assert getattr(refresher.estimator, "hvp", None) == getattr(ref_refresher.estimator, "hvp", None)
     assert refresher.state_dict()["optimizer_steps"] == STEPS
 
 
