@@ -20,9 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flatsophia.checks import check_choice, check_int, check_probability
 from flatsophia.data._base import KINDS, TASKS
-from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES, SHARDED_AUTOGRAD
-from flatsophia.hessian.refresh import check_estimator_fits  # the refresher's own check (torch only)
-from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, get_spec
+from flatsophia.hessian.hutchinson import DISTRIBUTIONS, HVP_MODES
+from flatsophia.optim.factory import DECAY_RULES, HESSIAN_ESTIMATORS, estimator_combinations, get_spec
 from flatsophia.optim.schedules import SCHEDULES
 
 __all__ = [
@@ -47,6 +46,14 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("skip", "raise")
+
+#: The library's :data:`~flatsophia.hessian.hutchinson.SHARDED_AUTOGRAD`, in config keys.
+SHARDED_AUTOGRAD = (
+    "Hutchinson with hessian.hvp=autograd cannot run on parameters sharded by FSDP2 (trainer=fsdp/fsdp_sim): "
+    "torch.autograd.grad cannot reach the sharded DTensor parameters, and a double backward through FSDP is "
+    "not supported. Use hessian.hvp=finite_difference (hessian.hvp=auto picks it there), or "
+    "optimizer=sophia_g (Gauss-Newton-Bartlett)."
+)
 
 #: Defaults of the ``hessian`` block; every key a user sets must be one of these.
 HESSIAN_DEFAULTS = dict(
@@ -141,6 +148,16 @@ def check_optimizer(cfg: DictConfig) -> str | None:
     except (ValueError, TypeError) as err:
         raise ValueError(f"Invalid optimizer config ({label}): {err}") from err
     return name
+
+
+def check_estimator_fits(asked: str, needed: str, optimizer_name: str) -> None:
+    """``hessian.estimator`` against the optimizer's estimator (``auto`` fits all), in config keys: the
+    library's :func:`~flatsophia.hessian.refresh.check_estimator_fits` as a template user types it."""
+    if asked not in ("auto", needed):
+        raise ValueError(
+            f"hessian={asked} does not fit optimizer={optimizer_name}, which needs {needed!r}. "
+            f"Valid combinations: {estimator_combinations()} (hessian=auto picks the right one)."
+        )
 
 
 def check_hessian(cfg: DictConfig, optimizer_name: str | None) -> None:

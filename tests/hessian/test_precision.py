@@ -112,7 +112,7 @@ def test_records_tf32_on_cuda_only(on_cuda):
 def test_auto_rule_per_precision(recorded, unsharded, sharded):
     assert choose_hvp(recorded) == unsharded
     if sharded is ValueError:
-        with pytest.raises(ValueError, match="param_dtype.*bfloat16.*optimizer=sophia_g"):
+        with pytest.raises(ValueError, match="param_dtype.*bfloat16.*SophiaG"):
             choose_hvp(recorded, sharded=True)
     else:
         assert choose_hvp(recorded, sharded=True) == sharded
@@ -217,7 +217,7 @@ def test_fsdp2_param_dtype_is_recorded_and_refused():
     for out in spawn(_sharded_half):
         recorded, message = out["torch.bfloat16"]
         assert recorded.param_dtype == torch.bfloat16 and recorded.fsdp_policy
-        assert "MixedPrecisionPolicy param_dtype" in message and "optimizer=sophia_g" in message
+        assert "MixedPrecisionPolicy param_dtype" in message and "SophiaG" in message
         recorded, hvp = out["torch.float32"]
         assert recorded.full and hvp == FD
 

@@ -117,6 +117,34 @@ def test_mismatched_estimator_is_an_error(tmp_path):
         _fit(tmp_path, "sophia_g", steps=1, hessian={"estimator": "hutchinson"})
 
 
+def test_refresher_messages_are_in_config_keys():
+    """What the library says in its arguments (estimator=, hvp=) the module says in the keys a
+    template user types (hessian=, hessian.hvp=, optimizer=)."""
+    import warnings
+
+    from flatsophia.modules.optim_module import refresher_options, resolve_hvp
+    from flatsophia.validation import HESSIAN_DEFAULTS
+
+    def options(**hessian):
+        return {**HESSIAN_DEFAULTS, **hessian}
+
+    with pytest.warns(UserWarning, match="hessian.every_k/refresh_prob are set but optimizer=adamw"):
+        assert refresher_options(options(every_k=3), "none", "adamw")["every_k"] == 10
+    with pytest.warns(UserWarning, match="hessian.hvp=finite_difference only applies .* optimizer=sophia_g"):
+        assert refresher_options(options(hvp="finite_difference"), "gnb", "sophia_g")["hvp"] == "auto"
+    with pytest.raises(ValueError, match="Use hessian.hvp=finite_difference .* or optimizer=sophia_g"):
+        refresher_options(options(hvp="autograd"), "hutchinson", "flat_sophia", sharded=True)
+    with warnings.catch_warnings(record=True) as record:  # the refresher, given the options, warns no more
+        warnings.simplefilter("always")
+        model = torch.nn.Linear(2, 2)
+        opt = torch.optim.AdamW(model.parameters())
+        HessianRefresher(opt, **refresher_options(options(every_k=3), "none", "adamw"))
+    assert [str(w.message).split(" are set")[0] for w in record] == ["hessian.every_k/refresh_prob"]
+    net = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="SophiaG .* In the config: trainer.precision=bf16-mixed"):
+        resolve_hvp("auto", "hutchinson", "bf16-true", net, sharded=True)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

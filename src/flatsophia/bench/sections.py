@@ -2,10 +2,11 @@
 
 * ``iteration``: a training iteration (forward, backward, Hessian refresh when due, step,
   ``zero_grad``) amortised over ``k`` iterations with one refresh, run through
-  :class:`~flatsophia.hessian.HessianRefresher` exactly as its plain-loop docstring shows
-  (:func:`training_step`); one sample = ``k`` consecutive iterations, which always hold exactly one
-  refresh. Hutchinson optimizers get one row per ``hvp`` form. The authors' SophiaG runs the
-  authors' loop (a sampled-label forward+backward and ``update_hessian()`` every ``k`` steps).
+  :class:`~flatsophia.hessian.HessianRefresher`'s lower-level loop as docs/library.md shows it
+  (:func:`training_step`; ``refresher.backward`` runs the same calls, bit for bit); one sample =
+  ``k`` consecutive iterations, which always hold exactly one refresh. Hutchinson optimizers get
+  one row per ``hvp`` form. The authors' SophiaG runs the authors' loop (a sampled-label
+  forward+backward and ``update_hessian()`` every ``k`` steps).
 * ``refresh``: the gradient work of one refresh step without the optimizer step (the training
   gradient, the estimate and ``update_hessian``, as the loop does it on a refresh step), against a
   plain forward+backward (``fwd_bwd``); with the matrix-product FLOPs of each, counted once, and the
@@ -59,8 +60,8 @@ class Context:
 
 
 def training_step(opt, refresher: HessianRefresher, forward, loss_fn, step: int, take_step: bool = True) -> None:
-    """One iteration of :class:`~flatsophia.hessian.HessianRefresher`'s plain loop (its module
-    docstring), ``step`` being the optimizer step's index; ``take_step=False`` stops before
+    """One iteration of :class:`~flatsophia.hessian.HessianRefresher`'s lower-level loop
+    (docs/library.md), ``step`` being the optimizer step's index; ``take_step=False`` stops before
     ``opt.step()`` (the refresh section)."""
     estimates = None
     if refresher.shares_forward(step):  # one forward for the gradient and the estimate

@@ -131,7 +131,7 @@ class GaussNewtonBartlett(HessianEstimator):
             raise ValueError(
                 "Gauss-Newton-Bartlett needs categorical logits shaped (..., num_classes) to sample "
                 f"labels from; got {getattr(logits, 'shape', type(logits).__name__)}. For other losses "
-                "use the Hutchinson estimator (hessian=hutchinson, e.g. optimizer=sophia_h)."
+                "use the Hutchinson estimator (estimator='hutchinson', with SophiaH or FlatSophia)."
             )
         flat = logits.reshape(-1, logits.shape[-1])
         valid = None

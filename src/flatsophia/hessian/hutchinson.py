@@ -37,11 +37,11 @@ _HALF = (torch.float16, torch.bfloat16)
 
 #: Why ``hvp="autograd"`` is refused on parameters sharded by FSDP2, and what to use instead.
 SHARDED_AUTOGRAD = (
-    "Hutchinson with hessian.hvp=autograd cannot run on parameters sharded by FSDP2: it differentiates "
+    "Hutchinson with hvp='autograd' cannot run on parameters sharded by FSDP2: it differentiates "
     "with torch.autograd.grad, which cannot reach the sharded DTensor parameters (the forward uses "
     "FSDP's all-gathered copies), and a double backward through FSDP is not supported. Use "
-    "hessian.hvp=finite_difference (H v from two ordinary backward passes through FSDP's reduce-scatter), "
-    "or optimizer=sophia_g (Gauss-Newton-Bartlett)."
+    "hvp='finite_difference' (H v from two ordinary backward passes through FSDP's reduce-scatter; "
+    "hvp='auto' picks it there), or SophiaG (Gauss-Newton-Bartlett)."
 )
 
 

@@ -123,7 +123,7 @@ SHARDED_HALF = (
     "double backward does not run through FSDP, and the finite difference needs gradients in float32 (from "
     "{dtype} gradients its relative error is 1.7-6, docs/performance.md), which that setting does not allow. Use "
     "float32 parameters with autocast instead (then the finite difference takes its gradients in float32), or "
-    "optimizer=sophia_g (Gauss-Newton-Bartlett)."
+    "SophiaG (Gauss-Newton-Bartlett)."
 )
 
 

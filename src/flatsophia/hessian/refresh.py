@@ -5,52 +5,47 @@ optimizer consumes (``"auto"``), when to refresh (every ``every_k`` optimizer st
 with probability ``refresh_prob`` from its own seeded generator), the estimate itself (from a fresh
 forward, or sharing the training forward), averaging it across data-parallel ranks (a ``reduce``
 callable), counting refreshes and rejected (non-finite) estimates, and a ``state_dict`` of plain
-types for checkpoints. Torch only: the template's Lightning module uses it, and so can a plain loop::
+types for checkpoints. Torch only: in a plain loop :meth:`~HessianRefresher.backward` replaces
+``loss.backward()``::
 
     import torch.nn.functional as F
     from flatsophia.hessian import HessianRefresher
     from flatsophia.optim import SophiaH
 
     opt = SophiaH(model.parameters(), lr=1e-3)
-    refresher = HessianRefresher(opt, model=model, every_k=10)  # estimator="auto": Hutchinson here
-    for step, (x, y) in enumerate(loader):
-        forward, loss_fn = (lambda: model(x)), (lambda out: F.cross_entropy(out, y))
-        estimates = None
-        if refresher.shares_forward(step):  # one forward for the gradient and the estimate
-            loss, estimates = refresher.forward_backward(forward, loss_fn)
-        else:
-            with refresher.training_pass(step):  # records its gradient and precision (finite difference)
-                loss = loss_fn(forward())
-                loss.backward()
-        refresher.maybe_refresh(step, forward, loss_fn, estimates)  # -> opt.update_hessian
+    refresher = HessianRefresher(opt, model=model)  # model may be DDP-wrapped or fully_shard-ed
+    for x, y in loader:
+        loss = refresher.backward(x, y, F.cross_entropy)  # and, every 10th step, the refresh
         opt.step()
         opt.zero_grad()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "refresher": refresher.state_dict()}, path)
 
-The two lines with ``shares_forward`` are an optimisation; ``loss.backward()`` then
-``maybe_refresh(step, forward, loss_fn)`` alone is the same schedule with a fresh forward on refresh
-steps. With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double
-backward) ``shares_forward`` is ``False``, and :meth:`~HessianRefresher.training_pass` lets the refresh
-reuse the pass's gradient and replay its dropout masks (one extra forward+backward per refresh).
-The default ``hvp="auto"`` follows the precision ``training_pass`` records (put ``torch.autocast``
-around the forward, inside or outside it): the finite difference after a float32 pass, the double
-backward after a bf16/fp16-autocast or TF32 one (see :func:`~flatsophia.hessian.precision.choose_hvp`).
+docs/library.md covers accumulation, mixed precision (autocast, ``scaler=`` with a
+``torch.amp.GradScaler``), DDP, FSDP2 and checkpoints. The lower-level methods that ``backward``
+combines, for loops it does not fit (another call signature, the framework runs the backward, as the
+template's Lightning module does): :meth:`~HessianRefresher.shares_forward` and
+:meth:`~HessianRefresher.forward_backward` (one forward for the gradient and the estimate),
+:meth:`~HessianRefresher.training_pass` (records the pass's gradient, RNG state and precision, so a
+finite difference reuses them) and :meth:`~HessianRefresher.maybe_refresh` (the estimate on a due
+step, handed to ``optimizer.update_hessian``); docs/library.md shows the loop they make.
 
-Float16 mixed precision with a ``torch.amp.GradScaler``: pass ``scaler=scaler`` and back-propagate
-``scaler.scale(loss)`` in the training pass as usual (``forward_backward`` does that itself), then
-``maybe_refresh`` before ``scaler.step(opt)``; the estimates come out unscaled.
+With ``hvp="finite_difference"`` (Hutchinson's ``H v`` from two gradients, no double backward)
+``shares_forward`` is ``False``, and ``training_pass`` lets the refresh reuse the pass's gradient and
+replay its dropout masks (one extra forward+backward per refresh). The default ``hvp="auto"``
+follows the precision ``training_pass`` records (put ``torch.autocast`` around the forward, or
+around ``backward``): the finite difference after a float32 pass, the double backward after a
+bf16/fp16-autocast or TF32 one (see :func:`~flatsophia.hessian.precision.choose_hvp`).
 
-Under ``torch.distributed`` pass ``reduce=distributed_mean`` (estimates taken with
-``torch.autograd.grad`` bypass DDP's gradient hooks, so each rank's estimate is averaged here), call
-``maybe_refresh`` with the unwrapped module's forward, and ``shares_forward`` is always ``False``
-(the training gradient must go through DDP).
+Under ``torch.distributed`` with DDP the estimates taken with ``torch.autograd.grad`` bypass DDP's
+gradient hooks, so each rank's estimate is averaged by ``reduce`` (``distributed_mean`` by default
+when ``model`` is the ``DistributedDataParallel`` wrapper), the refresh forwards use the unwrapped
+module, and ``shares_forward`` is always ``False`` (the training gradient must go through DDP).
 
 Sharded data parallelism (FSDP2, ``fully_shard``: the optimizer's parameters are DTensors): the
-same loop, with the ``fully_shard``-ed model's forward and ``reduce=None``. Every estimate then
-comes from ordinary ``backward()`` passes, which FSDP's reduce-scatter averages across ranks (no
-further reduce): Gauss-Newton-Bartlett's sampled-label gradient, and Hutchinson with
-``hvp="finite_difference"`` (``hvp="autograd"`` is refused); the training gradient in ``.grad`` is
-set aside and put back, and :meth:`training_pass` records it from ``.grad``.
+``fully_shard``-ed model and ``reduce=None``. Every estimate then comes from ordinary ``backward()``
+passes, which FSDP's reduce-scatter averages across ranks (no further reduce): Gauss-Newton-Bartlett's
+sampled-label gradient, and Hutchinson with ``hvp="finite_difference"`` (``hvp="autograd"`` is
+refused); the training gradient in ``.grad`` is set aside and put back, and :meth:`training_pass`
+records it from ``.grad``.
 """
 
 from __future__ import annotations
@@ -75,17 +70,30 @@ Estimates = list[torch.Tensor | None]
 
 
 def check_estimator_fits(asked: str, needed: str, optimizer_name: str) -> None:
-    """Raise ``ValueError`` unless the estimator asked for (``auto`` fits all) is the one the optimizer needs.
+    """Raise ``ValueError`` unless the ``estimator`` asked for (``"auto"`` fits all) is the one the
+    optimizer (``optimizer_name``: its class name) consumes.
 
-    The message lists the valid combinations from the optimizer registry.
+    The message lists the valid combinations of the library's optimizer classes. (The template's
+    :func:`flatsophia.validation.check_estimator_fits` says the same in config keys.)
     """
     if asked not in ("auto", needed):
-        from flatsophia.optim.factory import estimator_combinations
-
         raise ValueError(
-            f"hessian={asked} does not fit optimizer={optimizer_name}, which needs {needed!r}. "
-            f"Valid combinations: {estimator_combinations()} (hessian=auto picks the right one)."
+            f"estimator={asked!r} does not fit {optimizer_name}, which consumes {needed!r}. "
+            f"Valid combinations: {_class_combinations()} (estimator='auto' picks the right one)."
         )
+
+
+def _class_combinations() -> str:
+    """Which optimizer classes consume which estimator, e.g. ``"SophiaG + 'gnb'; SophiaH, FlatSophia +
+    'hutchinson'; AdamW, SOAP + 'none'"``."""
+    from flatsophia.optim.factory import OPTIMIZERS
+
+    parts = []
+    for est in ("gnb", "hutchinson", "none"):
+        names = [spec.cls.__name__ for spec in OPTIMIZERS.values() if spec.hessian == est]
+        if names:
+            parts.append(f"{', '.join(dict.fromkeys(names))} + {est!r}")
+    return "; ".join(parts)
 
 
 def distributed_mean(flat: torch.Tensor) -> torch.Tensor:
@@ -102,7 +110,8 @@ def _optimizer_name(optimizer: torch.optim.Optimizer) -> str:
 
 
 class HessianRefresher:
-    """Refreshes ``optimizer``'s Hessian estimate on schedule; see the module docstring for a loop.
+    """Refreshes ``optimizer``'s Hessian estimate on schedule; :meth:`backward` is the loop's one call
+    (see the module docstring and docs/library.md).
 
     Args:
         optimizer: the optimizer (its ``hessian_estimator`` attribute names the estimator it
@@ -111,11 +120,13 @@ class HessianRefresher:
         estimator: ``"auto"`` (the one the optimizer consumes), that estimator's name (anything else
             raises ``ValueError`` listing the valid combinations), or a
             :class:`~flatsophia.hessian.base.HessianEstimator` instance of the right kind.
-        model: the network (unwrapped, not the DDP wrapper), whose buffers (BatchNorm running
-            statistics and batch counter) every refresh's extra forward leaves as they were: pass
-            it whenever the network has buffers (needed for ``hvp="finite_difference"``). A shared
-            forward (:meth:`forward_backward`) is the training forward itself, which updates them
-            once, as training without a refresh does.
+        model: the network, whose buffers (BatchNorm running statistics and batch counter) every
+            refresh's extra forward leaves as they were: pass it whenever the network has buffers
+            (needed for ``hvp="finite_difference"`` and :meth:`backward`). A shared forward
+            (:meth:`forward_backward`) is the training forward itself, which updates them once, as
+            training without a refresh does. A ``DistributedDataParallel`` wrapper is what
+            :meth:`backward` trains through; the refresh uses its ``.module`` (the ``model``
+            attribute), and ``reduce`` defaults to :func:`distributed_mean`.
         every_k: refresh at every ``every_k``-th optimizer step (steps 0, k, 2k, ...).
         refresh_prob: instead, refresh each step with this probability (always at step 0), drawn
             from the refresher's generator (seeded with ``seed + 1``, saved in :meth:`state_dict`).
@@ -193,16 +204,16 @@ class HessianRefresher:
         asked = estimator.name if isinstance(estimator, HessianEstimator) else estimator
         if asked == "auto" and needed == "none" and (every_k != 10 or refresh_prob):
             warnings.warn(
-                f"hessian.every_k/refresh_prob are set but optimizer {self.optimizer_name!r} uses no "
-                "Hessian estimate; they are ignored.",
+                f"every_k/refresh_prob are set but {type(optimizer).__name__} uses no Hessian estimate; "
+                "they are ignored.",
                 UserWarning,
                 stacklevel=2,
             )
-        check_estimator_fits(asked, needed, self.optimizer_name)
+        check_estimator_fits(asked, needed, type(optimizer).__name__)
         if hvp not in ("auto", "autograd") and needed != "hutchinson":
             warnings.warn(
-                f"hessian.hvp={hvp} only applies to the Hutchinson estimator; optimizer "
-                f"{self.optimizer_name!r} uses {needed!r}, so it is ignored.",
+                f"hvp={hvp!r} only applies to the Hutchinson estimator; {type(optimizer).__name__} "
+                f"uses {needed!r}, so it is ignored.",
                 UserWarning,
                 stacklevel=2,
             )
@@ -236,6 +247,7 @@ class HessianRefresher:
                     "backward passes that FSDP's reduce-scatter averages across ranks already, and each rank "
                     "holds other coordinates, so nothing may be averaged again: pass reduce=None"
                 )
+        self._init_loop(model)
 
     @property
     def finite_difference(self) -> bool:
@@ -442,8 +454,9 @@ class HessianRefresher:
             if "derivative" in str(err) or "double backward" in str(err) or "not implemented" in str(err):
                 raise RuntimeError(
                     f"The {self.estimator_name} Hessian estimate failed for this model ({err}). "
-                    f"Optimizer {self.optimizer_name!r} needs a model that supports double backward; "
-                    "use optimizer=adamw or soap with it."
+                    f"{type(self.optimizer).__name__} needs a model that supports double backward here; "
+                    "use hvp='finite_difference' (Hutchinson: two gradients, no double backward), or a "
+                    "first-order optimizer (e.g. torch.optim.AdamW) with it."
                 ) from err
             raise
 
@@ -509,6 +522,139 @@ class HessianRefresher:
         self.apply(estimates)
         return True
 
+    # ------------------------------------------------ the loop's one call
+    def _init_loop(self, model: nn.Module | None) -> None:
+        """What :meth:`backward` needs: the model as passed (the DDP wrapper trains), the unwrapped
+        module for refresh forwards and buffers, and ``reduce=distributed_mean`` under DDP."""
+        self.training_model = model
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self.model = model.module
+            if self.reduce is None:
+                self.reduce = distributed_mean
+        self._steps: int | None = None  # optimizer steps taken, counted from the first backward
+        self._backward_step: int | None = None  # the step of the last backward call
+        self._hooks: list = []
+
+    def backward(
+        self,
+        inputs,
+        targets,
+        loss_fn: Callable[[torch.Tensor, object], torch.Tensor],
+        *,
+        loss_divisor: float = 1,
+    ) -> torch.Tensor:
+        """Use in place of ``loss.backward()``: the training backward, and the refresh when it is due.
+
+        Computes ``loss = loss_fn(model(inputs), targets)`` with ``model`` as passed to the
+        refresher (the ``DistributedDataParallel`` wrapper, or the ``fully_shard``-ed module) and
+        back-propagates ``loss / loss_divisor`` (times the ``scaler``'s scale with one) into
+        ``.grad``. On the first call after an ``optimizer.step()`` whose step index is :meth:`due`,
+        it also refreshes the estimate, by whichever of the lower-level paths fits: one shared
+        forward (:meth:`forward_backward`) when :meth:`shares_forward`, else the training pass
+        (:meth:`training_pass`: the finite difference reuses its gradient) and
+        :meth:`maybe_refresh` with a fresh forward of the unwrapped module. The result is that of
+        the multi-call loop with those methods, bit for bit.
+
+        The step index is the number of ``optimizer.step()`` calls, counted by an optimizer hook
+        from the first call here (starting from :meth:`load_state_dict`'s count, else from the
+        optimizer's own ``state[p]["step"]``). Further calls before ``optimizer.step()`` are
+        accumulation micro-batches: pass ``loss_divisor`` = their number to every call. Once this
+        is used, an ``optimizer.step()`` on a due step with no call here since the previous step
+        raises ``RuntimeError`` before anything changes (the refresh would be missing), and so
+        does ``optimizer.step()`` with a ``scaler`` (use ``scaler.step(optimizer)``).
+
+        Returns:
+            the undivided, unscaled loss (detached).
+        """
+        model = self.training_model
+        if model is None:
+            raise ValueError("HessianRefresher.backward needs model= (the network, as trained: DDP-wrapped or not)")
+        if isinstance(loss_divisor, bool) or not isinstance(loss_divisor, (int, float)) or not loss_divisor > 0:
+            raise ValueError(f"Invalid loss_divisor: {loss_divisor!r} (expected a positive number of micro-batches)")
+        if not self._hooks:
+            self._start_counting(model)
+        step = self._steps
+        first = self._backward_step != step
+        self._backward_step = step
+
+        def forward():
+            return model(inputs)
+
+        def loss_of(output):
+            loss = loss_fn(output, targets)
+            if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
+                raise ValueError(
+                    f"loss_fn(output, targets) must return a scalar tensor, got {getattr(loss, 'shape', type(loss))}"
+                )
+            return loss
+
+        if not first or self.estimator is None:
+            loss = loss_of(forward())
+            self._scaled(loss, loss_divisor).backward()
+            return loss.detach()
+        refresh_forward = (lambda: self.model(inputs)) if self.model is not model else forward
+        if self.shares_forward(step):
+            loss, estimates = self.forward_backward(forward, loss_of, loss_divisor)
+            self.maybe_refresh(step, refresh_forward, loss_of, estimates)
+            return loss.detach()
+        with self.training_pass(step, loss_divisor):
+            loss = loss_of(forward())
+            self._scaled(loss, loss_divisor).backward()
+        self.maybe_refresh(step, refresh_forward, loss_of)
+        return loss.detach()
+
+    def _scaled(self, loss: torch.Tensor, loss_divisor: float) -> torch.Tensor:
+        """``loss`` as the training pass back-propagates it: times the scaler's scale, over ``loss_divisor``."""
+        if self.scaler is not None and self.scaler.is_enabled():
+            loss = self.scaler.scale(loss)
+        return loss / loss_divisor if loss_divisor != 1 else loss
+
+    def _start_counting(self, model: nn.Module) -> None:
+        """First :meth:`backward`: check the model trains the optimizer's parameters, start the step
+        count, and hook ``optimizer.step()`` to count steps and refuse a missing refresh."""
+        ours = {id(p) for p in model.parameters()}
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if params and not any(id(p) in ours for p in params):
+            raise ValueError(
+                "HessianRefresher.backward: model= does not hold the optimizer's parameters; pass the model "
+                "the optimizer trains (built with model.parameters())"
+            )
+        dist = torch.distributed
+        ranks = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if ranks > 1 and self.reduce is None and not self.sharded and not any_dtensor(model.parameters()):
+            raise ValueError(
+                f"HessianRefresher.backward on {ranks} ranks with a model that is neither DistributedDataParallel "
+                "nor fully_shard-ed: neither the gradients nor the estimates would be averaged across ranks. Pass "
+                "model=DistributedDataParallel(model) (or the fully_shard-ed model), or reduce= to average the "
+                "estimates if the loop averages the gradients itself"
+            )
+        if self._steps is None:
+            self._steps = _optimizer_steps(self.optimizer)
+        self._hooks = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        step = self._steps
+        if self._backward_step != step and self.estimator is not None and self.due(step, peek=True):
+            raise RuntimeError(
+                f"optimizer.step() for step {step}, whose Hessian refresh is due, but refresher.backward(...) "
+                "was not called since the previous step: call refresher.backward(inputs, targets, loss_fn) "
+                "before every optimizer.step() (it refreshes the estimate on due steps)"
+            )
+        states = getattr(self.scaler, "_per_optimizer_states", None)  # GradScaler's record per optimizer
+        if self.scaler is not None and self.scaler.is_enabled() and isinstance(states, dict):
+            stage = states[id(optimizer)]["stage"] if id(optimizer) in states else None
+            if getattr(stage, "name", "READY") == "READY":  # scaler.step unscales before it steps
+                raise RuntimeError(
+                    "optimizer.step() with gradients scaled by the refresher's scaler: call "
+                    "scaler.step(optimizer) then scaler.update() instead (it unscales them first)"
+                )
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._steps += 1
+
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Plain types only (tensors, ints, strings, dicts): loads with ``torch.load(weights_only=True)``."""
@@ -517,6 +663,7 @@ class HessianRefresher:
             "schedule_rng": self.rng.get_state(),
             "refreshes": self.refreshes,
             "skipped": self.skipped,
+            "optimizer_steps": self._steps,  # backward's step count (None before its first call)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -530,6 +677,14 @@ class HessianRefresher:
         self.rng.set_state(state["schedule_rng"].cpu())  # a CPU generator's state, wherever it was mapped
         self.refreshes = int(state["refreshes"])
         self.skipped = int(state["skipped"])
+        if state.get("optimizer_steps") is not None:  # absent from older states: backward counts from the optimizer
+            self._steps = int(state["optimizer_steps"])
+
+
+def _optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps the optimizer has taken, from its state (the largest ``state[p]["step"]``; 0 without one)."""
+    steps = [s["step"] for s in optimizer.state.values() if isinstance(s, dict) and "step" in s]
+    return int(max(float(s) for s in steps)) if steps else 0
 
 
 class _TrainingPass:

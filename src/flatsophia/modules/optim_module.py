@@ -34,8 +34,10 @@ from flatsophia.sharding import any_dtensor, fully_shard_blocks, global_norm
 from flatsophia.validation import (
     HESSIAN_DEFAULTS,
     SCHEDULER_DEFAULTS,
+    SHARDED_AUTOGRAD,
     TASKS,
     check_choice,
+    check_estimator_fits,
     check_hessian_block,
     check_int,
     check_module_options,
@@ -77,9 +79,56 @@ def resolve_hvp(hvp: str, estimator: str, precision: str, net: nn.Module, sharde
     if estimator != "hutchinson":
         return "autograd"
     recorded = dataclasses.replace(record_precision(net.parameters(), net), **LIGHTNING_PRECISION.get(precision, {}))
-    choice = choose_hvp(recorded, sharded)
+    try:
+        choice = choose_hvp(recorded, sharded)
+    except ValueError as err:  # FSDP2 with half-precision parameters, said in config keys
+        raise ValueError(
+            f"{err} In the config: trainer.precision=bf16-mixed (autocast over float32 parameters), "
+            "or optimizer=sophia_g."
+        ) from err
     log.info("hessian.hvp=auto: %s (%s%s)", choice, recorded.describe(), ", FSDP2" if sharded else "")
     return choice
+
+
+def refresher_options(hessian: dict, estimator: str, optimizer_name: str, sharded: bool = False) -> dict:
+    """The ``hessian`` block as :class:`~flatsophia.hessian.refresh.HessianRefresher` arguments, after
+    the checks and warnings the refresher would give in library arguments, given here in config keys
+    (``hessian=...``, ``hessian.hvp=...``): a mismatched estimator, an ignored schedule or ``hvp``
+    (then left at its default), ``hessian.hvp=autograd`` under FSDP2."""
+    check_estimator_fits(hessian["estimator"], estimator, optimizer_name)
+    options = dict(hessian)
+    if estimator == "none" and hessian["estimator"] == "auto" and (hessian["every_k"] != 10 or hessian["refresh_prob"]):
+        warnings.warn(
+            f"hessian.every_k/refresh_prob are set but optimizer={optimizer_name} uses no Hessian estimate; "
+            "they are ignored.",
+            UserWarning,
+            stacklevel=3,
+        )
+        options.update(every_k=10, refresh_prob=None)
+    if estimator != "hutchinson" and hessian["hvp"] not in ("auto", "autograd"):
+        warnings.warn(
+            f"hessian.hvp={hessian['hvp']} only applies to the Hutchinson estimator; optimizer={optimizer_name} "
+            f"uses {estimator!r}, so it is ignored.",
+            UserWarning,
+            stacklevel=3,
+        )
+        options["hvp"] = "auto"
+    if sharded and estimator == "hutchinson" and hessian["hvp"] == "autograd":
+        raise ValueError(SHARDED_AUTOGRAD)
+    return options
+
+
+@contextlib.contextmanager
+def _in_config_keys():
+    """A refresh that fails for want of a double backward, with the way out in config keys."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "supports double backward" not in str(err):
+            raise
+        raise RuntimeError(
+            f"{err} In the config: hessian.hvp=finite_difference, or optimizer=adamw or optimizer=soap."
+        ) from err
 
 
 def _time_window(hessian_cfg: dict) -> int:
@@ -224,10 +273,11 @@ class OptimLitModule(L.LightningModule):
             )
         precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
         estimator = getattr(opt, "hessian_estimator", "none")
-        hvp = resolve_hvp(self.hessian_cfg["hvp"], estimator, precision, self.net, sharded)
+        options = refresher_options(self.hessian_cfg, estimator, self.optimizer_name, sharded)
+        hvp = resolve_hvp(options["hvp"], estimator, precision, self.net, sharded)
         self.refresher = HessianRefresher(
             opt,
-            **{**self.hessian_cfg, "hvp": hvp},
+            **{**options, "hvp": hvp},
             model=self.net,
             reduce=self._reduce_mean if world > 1 and not sharded else None,
             optimizer_name=self.optimizer_name,
@@ -271,9 +321,10 @@ class OptimLitModule(L.LightningModule):
         last = self._micro >= self.accumulate
         estimates = None
         if last and self._can_share_forward():
-            loss, estimates = self.refresher.forward_backward(
-                lambda: self.net(x), lambda out: self.loss_fn(out, y), loss_divisor=self.accumulate
-            )
+            with _in_config_keys():
+                loss, estimates = self.refresher.forward_backward(
+                    lambda: self.net(x), lambda out: self.loss_fn(out, y), loss_divisor=self.accumulate
+                )
         else:
             # hvp=finite_difference keeps the last micro-batch's own gradient and RNG state for the refresh
             refresh_pass = self.refresher.training_pass(self.global_step, self.accumulate) if last else None
@@ -307,7 +358,8 @@ class OptimLitModule(L.LightningModule):
         if self.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         step = self.global_step
-        self.refresher.maybe_refresh(step, lambda: self.net(x), lambda out: self.loss_fn(out, y), estimates)
+        with _in_config_keys():
+            self.refresher.maybe_refresh(step, lambda: self.net(x), lambda out: self.loss_fn(out, y), estimates)
         collect = (step + 1) % self.log_stats_every == 0 and hasattr(opt.optimizer, "stats")
         kwargs = {"collect_stats": True} if collect else {}
         if self.estimator_name == "gnb":

@@ -72,6 +72,16 @@ class FlatSophia(SophiaH):
     (``masked_frac`` in :meth:`stats` is :math:`(k-1)/n`), fewer when values tie at :math:`\tau`,
     none with ``k <= 1``.
 
+    In a training loop, :class:`~flatsophia.hessian.HessianRefresher` takes the Hutchinson estimates
+    and calls :meth:`update_hessian` (every 10th step by default; docs/library.md)::
+
+        opt = FlatSophia(model.parameters(), lr=1e-3)
+        refresher = HessianRefresher(opt, model=model)
+        for x, y in loader:
+            loss = refresher.backward(x, y, F.cross_entropy)
+            opt.step()
+            opt.zero_grad()
+
     Reference code: https://github.com/evanatyourservice/flat-sophia (``project_to_flat=True``).
     Idea: https://arxiv.org/abs/2405.20763.
     """

@@ -106,6 +106,17 @@ class SophiaG(_SophiaBase):
 
     ``torch.compile(optimizer.step)`` works.
 
+    In a training loop, :class:`~flatsophia.hessian.HessianRefresher` takes the Gauss-Newton-Bartlett
+    estimates and calls :meth:`update_hessian` (every 10th step by default; docs/library.md); each
+    step gets ``bs``, here the labels of the batch (times accumulation and world size where they apply)::
+
+        opt = SophiaG(model.parameters(), lr=1e-4)
+        refresher = HessianRefresher(opt, model=model)
+        for x, y in loader:
+            loss = refresher.backward(x, y, F.cross_entropy)
+            opt.step(bs=y.numel())
+            opt.zero_grad()
+
     Paper: https://arxiv.org/abs/2305.14342. Reference code: https://github.com/Liuhong99/Sophia.
     """
 

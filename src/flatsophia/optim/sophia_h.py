@@ -92,6 +92,16 @@ class SophiaH(_SophiaBase):
     parameters raise ``RuntimeError`` before anything changes. ``torch.compile(optimizer.step)``
     works: while traced, the step counters stay tensors (no recompilation per step).
 
+    In a training loop, :class:`~flatsophia.hessian.HessianRefresher` takes the Hutchinson estimates
+    and calls :meth:`update_hessian` (every 10th step by default; docs/library.md)::
+
+        opt = SophiaH(model.parameters(), lr=1e-3)
+        refresher = HessianRefresher(opt, model=model)
+        for x, y in loader:
+            loss = refresher.backward(x, y, F.cross_entropy)
+            opt.step()
+            opt.zero_grad()
+
     Paper: https://arxiv.org/abs/2305.14342. Reference code:
     https://github.com/evanatyourservice/flat-sophia (``scale_by_sophia_h``).
     """
