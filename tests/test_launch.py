@@ -66,8 +66,10 @@ def test_requeue_signal_is_checked():
     assert SlurmRequeue(signal="USR2").signum.name == "SIGUSR2"
     with pytest.raises(ValueError, match="Invalid signal: 'USR9'"):
         SlurmRequeue(signal="USR9")
-    with pytest.raises(ValueError, match="requeue/enabled: 'yes'"):
+    with pytest.raises(ValueError, match="Invalid requeue: 'yes'"):
         SlurmRequeue(requeue="yes")
+    with pytest.raises(ValueError, match="Invalid sigterm: 1"):
+        SlurmRequeue(sigterm=1)
 
 
 def test_run_ids_are_fixed_per_job_and_folder(monkeypatch):

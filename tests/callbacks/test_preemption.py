@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script, script_command
+from conftest import ROOT, TINY, compose_config, run_script, script_command
+from flatsophia.callbacks import Terminated
+from flatsophia.training import train
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -193,3 +196,34 @@ def _assert_same(x, y, where: str) -> None:
             _assert_same(u, v, f"{where}/{i}")
     else:
         assert x == y, (where, x, y)
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_rerun_resumes_bit_exactly(tmp_path, data_dir, monkeypatch):
+    """No scheduler (Kubernetes, a spot instance): SIGTERM after step 4 -> hpc checkpoint after step 5, exit
+    status 143; the same command in the same folder (here without the signal) resumes from it. In this
+    process: Lightning's SIGTERM handler is replaced while training, and restored after."""
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = [o for o in RUN if o != "logger=csv"] + ["logger=none", *CHARLM]
+
+    def fit(folder: Path, *extra: str) -> Path:
+        _, objects = train(compose_config("train", [*run, *extra], folder, data_dir))
+        return objects["trainer"].ckpt_path
+
+    assert fit(tmp_path / "a") is None
+    with pytest.raises(Terminated) as stopped:
+        fit(tmp_path / "b", *SIGNAL, "+callbacks.signal.signal_name=SIGTERM")
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    (hpc,) = (tmp_path / "b").glob("hpc_ckpt_*.ckpt")
+    saved = torch.load(hpc, weights_only=True)
+    assert saved["global_step"] == 5 and saved["flatsophia"]["micro"] == 0  # after the step, not inside it
+    assert fit(tmp_path / "b") == str(hpc)  # the same command, resumed
+
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    _assert_same(a["state_dict"], b["state_dict"], "weights")
+    _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    _assert_same(a["lr_schedulers"], b["lr_schedulers"], "schedule")
+    _assert_same(a["flatsophia"]["refresher"], b["flatsophia"]["refresher"], "refresher")
