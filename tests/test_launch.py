@@ -3,6 +3,7 @@ the newest step checkpoints and a last.ckpt that follows the run."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -85,3 +86,30 @@ def test_run_ids_are_fixed_per_job_and_folder(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert slurm_run_id("logs/a").startswith("120_3-")
+
+
+def test_submitit_slurm_launcher_composes_into_an_sbatch_file(tmp_path, data_dir, monkeypatch):
+    """``hydra/launcher=submitit_slurm``: submitit takes every key (as the launcher passes them), and the job
+    asks SLURM for submitit's signal before the time limit (the slurm_requeue callback handles it)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path, data_dir)
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    params = dict(launcher.params)
+    assert params.pop("submitit_folder").endswith("/.submitit/%j") and params["max_num_timeout"] > 0
+    # As SlurmLauncher.launch does, without submitting (a fake srun: the executor looks for one)
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(
+        folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit", "x")
+    assert "#SBATCH --signal=USR2@120" in sbatch and "#SBATCH --partition=gpu" in sbatch
+    assert "#SBATCH --time=240" in sbatch

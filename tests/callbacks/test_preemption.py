@@ -227,3 +227,31 @@ def test_sigterm_saves_at_a_step_boundary_and_the_rerun_resumes_bit_exactly(tmp_
     _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer")
     _assert_same(a["lr_schedulers"], b["lr_schedulers"], "schedule")
     _assert_same(a["flatsophia"]["refresher"], b["flatsophia"]["refresher"], "refresher")
+
+
+def test_submitit_resubmission_resumes_bit_exactly(tmp_path, data_dir):
+    """``hydra/launcher=submitit_local`` (submitit's local executor, as submitit_slurm without a cluster): the
+    job gets submitit's signal (SIGUSR2) after step 4; the callback saves after step 5 and hands over to
+    submitit's handler, which resubmits the task (the launcher's ``checkpoint()``); the restarted task
+    resumes in the same job folder and ends bit-identical to a run never stopped."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {name: None for name in os.environ if name.startswith(("SLURM_", "SUBMITIT_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    run = [o for o in RUN if o != "logger=csv"] + ["logger=none", *CHARLM]
+    logs = {"log_dir": tmp_path / "logs", "data_dir": data_dir}
+    run_script("train", *run, f"hydra.run.dir={tmp_path / 'a'}", **logs, **env)
+    sweep = tmp_path / "b"
+    submit = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    run_script("train", "-m", *run, *SIGNAL, "+callbacks.signal.signal_name=SIGUSR2", *submit, **logs, **env)
+
+    job = sweep / "0"
+    log = (job / "train.log").read_text()
+    assert log.count("Starting training") == 2 and f"Resuming the interrupted run from {job}/hpc_ckpt_1.ckpt" in log
+    submitit_log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    assert "Calling checkpoint method" in submitit_log and "Requeued job" in submitit_log
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    _assert_same(a["state_dict"], b["state_dict"], "weights")
+    _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    _assert_same(a["flatsophia"]["refresher"], b["flatsophia"]["refresher"], "refresher")
