@@ -113,3 +113,32 @@ def test_submitit_slurm_launcher_composes_into_an_sbatch_file(tmp_path, data_dir
     sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit", "x")
     assert "#SBATCH --signal=USR2@120" in sbatch and "#SBATCH --partition=gpu" in sbatch
     assert "#SBATCH --time=240" in sbatch
+
+
+@pytest.mark.parametrize("requeue_signal", ["USR1", "USR2"])
+def test_submitit_jobs_hand_submitits_signal_back_to_its_handler(monkeypatch, requeue_signal):
+    """In a submitit job on SLURM the callback takes submitit's SIGUSR2 (also when it is the requeue signal),
+    keeps submitit's handler to call after saving, and gives every handler back at teardown."""
+    import signal
+    from types import SimpleNamespace
+
+    from flatsophia.callbacks import SlurmRequeue
+
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+
+    def submitits(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        callback = SlurmRequeue(signal=requeue_signal)
+        trainer = SimpleNamespace(is_global_zero=True, default_root_dir="logs/x")
+        callback.setup(trainer, None, "fit")
+        assert callback._submitit == (signal.SIGUSR2, submitits)
+        assert signal.getsignal(signal.SIGUSR2) == callback._handler
+        callback.teardown(trainer, None, "fit")
+        assert signal.getsignal(signal.SIGUSR2) is submitits
+    finally:
+        signal.signal(signal.SIGUSR2, before)

@@ -152,7 +152,8 @@ class SlurmRequeue(L.Callback):
             self._warn_folder(trainer)
         sub = submitit_signal()
         if sub is not None:
-            previous = self._install(sub, self._handler)
+            self._install(sub, self._handler)
+            previous = self._installed[sub]  # submitit's, also when ``signal`` is the same signal
             if callable(previous) and previous != self._handler:
                 self._submitit = (sub, previous)
         handled = [s.name for s in self._installed] + (["SIGTERM"] if self.sigterm else [])
