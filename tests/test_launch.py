@@ -3,6 +3,7 @@ the newest step checkpoints and a last.ckpt that follows the run."""
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -66,8 +67,10 @@ def test_requeue_signal_is_checked():
     assert SlurmRequeue(signal="USR2").signum.name == "SIGUSR2"
     with pytest.raises(ValueError, match="Invalid signal: 'USR9'"):
         SlurmRequeue(signal="USR9")
-    with pytest.raises(ValueError, match="requeue/enabled: 'yes'"):
+    with pytest.raises(ValueError, match="Invalid requeue: 'yes'"):
         SlurmRequeue(requeue="yes")
+    with pytest.raises(ValueError, match="Invalid sigterm: 1"):
+        SlurmRequeue(sigterm=1)
 
 
 def test_run_ids_are_fixed_per_job_and_folder(monkeypatch):
@@ -83,3 +86,59 @@ def test_run_ids_are_fixed_per_job_and_folder(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "120")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert slurm_run_id("logs/a").startswith("120_3-")
+
+
+def test_submitit_slurm_launcher_composes_into_an_sbatch_file(tmp_path, data_dir, monkeypatch):
+    """``hydra/launcher=submitit_slurm``: submitit takes every key (as the launcher passes them), and the job
+    asks SLURM for submitit's signal before the time limit (the slurm_requeue callback handles it)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    cfg = compose_config("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu"], tmp_path, data_dir)
+    launcher = hydra.utils.instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    params = dict(launcher.params)
+    assert params.pop("submitit_folder").endswith("/.submitit/%j") and params["max_num_timeout"] > 0
+    # As SlurmLauncher.launch does, without submitting (a fake srun: the executor looks for one)
+    (tmp_path / "srun").write_text("#!/bin/sh\n")
+    (tmp_path / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    executor = submitit.AutoExecutor(
+        folder=tmp_path, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    generic = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in generic else f"slurm_{k}": v for k, v in params.items()})
+    sbatch = executor._executor._make_submission_file_text("python -m submitit.core._submit", "x")
+    assert "#SBATCH --signal=USR2@120" in sbatch and "#SBATCH --partition=gpu" in sbatch
+    assert "#SBATCH --time=240" in sbatch
+
+
+@pytest.mark.parametrize("requeue_signal", ["USR1", "USR2"])
+def test_submitit_jobs_hand_submitits_signal_back_to_its_handler(monkeypatch, requeue_signal):
+    """In a submitit job on SLURM the callback takes submitit's SIGUSR2 (also when it is the requeue signal),
+    keeps submitit's handler to call after saving, and gives every handler back at teardown."""
+    import signal
+    from types import SimpleNamespace
+
+    from flatsophia.callbacks import SlurmRequeue
+
+    for name, value in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+
+    def submitits(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGUSR2, submitits)
+    try:
+        callback = SlurmRequeue(signal=requeue_signal)
+        trainer = SimpleNamespace(is_global_zero=True, default_root_dir="logs/x")
+        callback.setup(trainer, None, "fit")
+        assert callback._submitit == (signal.SIGUSR2, submitits)
+        assert signal.getsignal(signal.SIGUSR2) == callback._handler
+        callback.teardown(trainer, None, "fit")
+        assert signal.getsignal(signal.SIGUSR2) is submitits
+    finally:
+        signal.signal(signal.SIGUSR2, before)

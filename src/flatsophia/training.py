@@ -143,19 +143,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 def _requeued_checkpoint(trainer: L.Trainer) -> str | None:
-    """The newest ``hpc_ckpt_<n>.ckpt`` in the run's folder under SLURM (written by
-    :class:`~flatsophia.callbacks.SlurmRequeue` before the job was requeued), else ``None``.
+    """The newest ``hpc_ckpt_<n>.ckpt`` in the run's folder (written by
+    :class:`~flatsophia.callbacks.SlurmRequeue` when a requeue signal or SIGTERM stopped the run), else ``None``.
 
-    It wins over ``ckpt_path``: a requeued job that was started from ``ckpt_path`` continues from
-    where it stopped, not from that file again.
+    It wins over ``ckpt_path``: a requeued job (or a run restarted in the same folder) that was started
+    from ``ckpt_path`` continues from where it stopped, not from that file again.
     """
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    if not SLURMEnvironment.detect():
-        return None
     found = trainer._checkpoint_connector._hpc_resume_path
     if found:
-        log.info("SLURM: resuming the requeued job from %s", found)
+        what = "SLURM: resuming the requeued job" if SLURMEnvironment.detect() else "Resuming the interrupted run"
+        log.info("%s from %s", what, found)
     return found
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -20,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, run_script, script_command
+from conftest import ROOT, TINY, compose_config, run_script, script_command
+from flatsophia.callbacks import Terminated
+from flatsophia.training import train
 
 TESTS = Path(__file__).resolve().parents[1]
 
@@ -193,3 +196,62 @@ def _assert_same(x, y, where: str) -> None:
             _assert_same(u, v, f"{where}/{i}")
     else:
         assert x == y, (where, x, y)
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_rerun_resumes_bit_exactly(tmp_path, data_dir, monkeypatch):
+    """No scheduler (Kubernetes, a spot instance): SIGTERM after step 4 -> hpc checkpoint after step 5, exit
+    status 143; the same command in the same folder (here without the signal) resumes from it. In this
+    process: Lightning's SIGTERM handler is replaced while training, and restored after."""
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "SUBMITIT_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.syspath_prepend(str(TESTS))
+    run = [o for o in RUN if o != "logger=csv"] + ["logger=none", *CHARLM]
+
+    def fit(folder: Path, *extra: str) -> Path:
+        _, objects = train(compose_config("train", [*run, *extra], folder, data_dir))
+        return objects["trainer"].ckpt_path
+
+    assert fit(tmp_path / "a") is None
+    with pytest.raises(Terminated) as stopped:
+        fit(tmp_path / "b", *SIGNAL, "+callbacks.signal.signal_name=SIGTERM")
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    (hpc,) = (tmp_path / "b").glob("hpc_ckpt_*.ckpt")
+    saved = torch.load(hpc, weights_only=True)
+    assert saved["global_step"] == 5 and saved["flatsophia"]["micro"] == 0  # after the step, not inside it
+    assert fit(tmp_path / "b") == str(hpc)  # the same command, resumed
+
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    _assert_same(a["state_dict"], b["state_dict"], "weights")
+    _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    _assert_same(a["lr_schedulers"], b["lr_schedulers"], "schedule")
+    _assert_same(a["flatsophia"]["refresher"], b["flatsophia"]["refresher"], "refresher")
+
+
+def test_submitit_resubmission_resumes_bit_exactly(tmp_path, data_dir):
+    """``hydra/launcher=submitit_local`` (submitit's local executor, as submitit_slurm without a cluster): the
+    job gets submitit's signal (SIGUSR2) after step 4; the callback saves after step 5 and hands over to
+    submitit's handler, which resubmits the task (the launcher's ``checkpoint()``); the restarted task
+    resumes in the same job folder and ends bit-identical to a run never stopped."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    env = {name: None for name in os.environ if name.startswith(("SLURM_", "SUBMITIT_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    run = [o for o in RUN if o != "logger=csv"] + ["logger=none", *CHARLM]
+    logs = {"log_dir": tmp_path / "logs", "data_dir": data_dir}
+    run_script("train", *run, f"hydra.run.dir={tmp_path / 'a'}", **logs, **env)
+    sweep = tmp_path / "b"
+    submit = ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep}"]
+    run_script("train", "-m", *run, *SIGNAL, "+callbacks.signal.signal_name=SIGUSR2", *submit, **logs, **env)
+
+    job = sweep / "0"
+    log = (job / "train.log").read_text()
+    assert log.count("Starting training") == 2 and f"Resuming the interrupted run from {job}/hpc_ckpt_1.ckpt" in log
+    submitit_log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    assert "Calling checkpoint method" in submitit_log and "Requeued job" in submitit_log
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(job / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 9
+    _assert_same(a["state_dict"], b["state_dict"], "weights")
+    _assert_same(a["optimizer_states"], b["optimizer_states"], "optimizer")
+    _assert_same(a["flatsophia"]["refresher"], b["flatsophia"]["refresher"], "refresher")
