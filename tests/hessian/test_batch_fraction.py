@@ -66,7 +66,7 @@ def test_bad_batch_fraction_is_refused_naming_the_value(bad):
 
 def test_batch_statistics_layers():
     net = _net(bn=True)
-    assert batch_statistics_layers(net) == ["1"] and batch_statistics_layers(net.eval()) == []
+    assert batch_statistics_layers(net) == ["1 (BatchNorm1d)"] and batch_statistics_layers(net.eval()) == []
     assert batch_statistics_layers(nn.InstanceNorm1d(4, track_running_stats=True)) == ["InstanceNorm1d"]
     assert batch_statistics_layers(nn.Sequential(nn.LayerNorm(4), nn.InstanceNorm1d(4))) == []
 

@@ -59,5 +59,5 @@ def batch_statistics_layers(model: nn.Module | None) -> list[str]:
             getattr(m, b, None) is not None for b in ("running_mean", "running_var")
         )
         if stats and m.training:
-            found.append(name or type(m).__name__)
+            found.append(f"{name} ({type(m).__name__})" if name else type(m).__name__)
     return found
