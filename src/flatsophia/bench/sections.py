@@ -167,7 +167,7 @@ def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None
     shares = "sharing the training forward" if refresher.shares_forward(0) else "reusing the training gradient"
     if refresher.batch_fraction < 1:
         how = "the training pass split, reusing the subset's gradient" if refresher.splits(0) else "a fresh forward"
-        shares = f"on the first {refresher.batch_fraction:.0%} of the batch: {how}"
+        shares = f"on the first {100 * refresher.batch_fraction:g}% of the batch: {how}"
     return f"{what}{when}, {shares}"
 
 
