@@ -292,10 +292,12 @@ def test_finite_difference_refresh_at_configured_steps_with_accumulation(tmp_pat
     assert module.refresher.finite_difference and module.refresher.skipped == 0
 
 
-def test_finite_difference_in_mixed_precision_recomputes_in_float32_with_one_warning(tmp_path):
+@pytest.mark.parametrize("fraction", [1, 0.25])
+def test_finite_difference_in_mixed_precision_recomputes_in_float32_with_one_warning(tmp_path, fraction):
     """The bf16 training gradient is not reused (docs/results/hvp_precision): each refresh takes both
-    gradients in float32, outside Lightning's autocast; one warning for the run."""
-    module = make_module("sophia_h", hessian={"hvp": "finite_difference", "every_k": 1})
+    gradients in float32, outside Lightning's autocast; one warning for the run. On part of the batch
+    too: the split pass's subset chunk records the precision."""
+    module = make_module("sophia_h", hessian={"hvp": "finite_difference", "every_k": 1, "batch_fraction": fraction})
     with pytest.warns(UserWarning, match="bfloat16 autocast.*float32") as caught:
         trainer(tmp_path, precision="bf16-mixed", max_steps=3).fit(module, loader(dataset()))
     assert sum("hvp=finite_difference: the training pass" in str(w.message) for w in caught) == 1

@@ -166,7 +166,10 @@ def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None
     what = "Gauss-Newton-Bartlett" if kind == "gnb" else f"Hutchinson, hvp={hvp}"
     shares = "sharing the training forward" if refresher.shares_forward(0) else "reusing the training gradient"
     if refresher.batch_fraction < 1:
-        how = "the training pass split, reusing the subset's gradient" if refresher.splits(0) else "a fresh forward"
+        how = "a fresh forward"
+        if refresher.finite_difference:
+            split = refresher.splits(0)
+            how = "the training pass split, reusing the subset's gradient" if split else "both gradients in the refresh"
         shares = f"on the first {100 * refresher.batch_fraction:g}% of the batch: {how}"
     return f"{what}{when}, {shares}"
 
