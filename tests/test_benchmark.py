@@ -254,6 +254,31 @@ def test_arguments_are_validated():
     a = parse_args([])
     assert (a.model, a.rounds, a.k, a.compile, a.device) == ("vit", 12, 10, False, "cpu")
     assert parse_args(["--smoke", "--compile"]).compile is False
+    assert a.batch_fractions == (1,) and parse_args(["--batch-fractions", "0.25,1"]).batch_fractions == (1, 0.25)
+    for bad in ("0", "1.5", "half", ","):
+        with pytest.raises(SystemExit):
+            parse_args(["--batch-fractions", bad])
+
+
+def test_batch_fraction_rows_and_their_flops():
+    """``--batch-fractions 1,0.25``: one more row per second-order form, whose refresh FLOPs are
+    those of the estimate on a quarter of the batch: the split finite difference and GNB's fresh
+    forward+backward add a quarter forward+backward, the double backward a quarter of its own cost."""
+    res = main(
+        ["--smoke", "--quiet", "--rounds", "1", "--sections", "iteration,refresh", "--batch-fractions", "1,0.25"]
+        + ["--optimizers", "sophia_g,sophia_h", "--batch", "8"]
+    )
+    keys = ["sophia_g", "sophia_g/f=0.25", "sophia_h/autograd", "sophia_h/autograd/f=0.25"]
+    keys += ["sophia_h/finite_difference", "sophia_h/finite_difference/f=0.25"]
+    assert list(res["iteration"]["rows"]) == ["adamw_fused", *keys]
+    assert all(r["status"] == "ok" and _pos(r["paired"]) for r in res["iteration"]["rows"].values())
+    rows = res["refresh"]["rows"]
+    assert rows["sophia_g/f=0.25"]["batch_fraction"] == 0.25 and "batch_fraction" not in rows["sophia_g"]
+    assert rows["sophia_h/finite_difference/f=0.25"]["flop_ratio"] == pytest.approx(1.25)
+    assert rows["sophia_g/f=0.25"]["flop_ratio"] == pytest.approx(1.25)
+    autograd = rows["sophia_h/autograd"]["flop_ratio"]  # the training pass and the double backward, shared
+    assert rows["sophia_h/autograd/f=0.25"]["flop_ratio"] == pytest.approx(1 + autograd / 4, rel=0.02)
+    assert "the training pass split" in rows["sophia_h/finite_difference/f=0.25"]["note"]
 
 
 def test_default_workload_is_the_benchmark_vit():

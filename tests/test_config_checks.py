@@ -26,6 +26,8 @@ BAD_INPUTS = [
     (["hessian.distribution=uniform"], "Invalid hessian.distribution: 'uniform'"),
     (["hessian.n_probes=0"], "Invalid hessian.n_probes: 0"),
     (["hessian.hvp=fd"], "Invalid hessian.hvp: 'fd'"),
+    (["hessian.batch_fraction=0"], "Invalid hessian.batch_fraction: 0 (expected a number in (0, 1])"),
+    (["hessian.batch_fraction=1.5"], "Invalid hessian.batch_fraction: 1.5"),
     (["optimizer=adamw", "hessian=hutchinson"], "hessian=hutchinson does not fit optimizer=adamw"),
     (["optimizer=sophia_g", "hessian=hutchinson"], "which needs 'gnb'"),
     (["optimizer=flat_sophia", "hessian=gnb"], "which needs 'hutchinson'"),

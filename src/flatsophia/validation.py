@@ -57,7 +57,14 @@ SHARDED_AUTOGRAD = (
 
 #: Defaults of the ``hessian`` block; every key a user sets must be one of these.
 HESSIAN_DEFAULTS = dict(
-    estimator="auto", every_k=10, refresh_prob=None, distribution="gaussian", n_probes=1, seed=0, hvp="auto"
+    estimator="auto",
+    every_k=10,
+    refresh_prob=None,
+    distribution="gaussian",
+    n_probes=1,
+    seed=0,
+    hvp="auto",
+    batch_fraction=1,
 )
 SCHEDULER_DEFAULTS = dict(name="cosine", warmup_steps=0, min_lr_ratio=0.0, total_steps=None)
 
@@ -92,6 +99,7 @@ def check_hessian_block(hessian: dict) -> None:
     check_int("hessian.n_probes", hessian["n_probes"], 1)
     check_int("hessian.seed", hessian["seed"], 0)
     check_choice("hessian.hvp", hessian["hvp"], ("auto", *HVP_MODES))
+    check_probability("hessian.batch_fraction", hessian["batch_fraction"])
 
 
 def check_scheduler_block(sched: dict) -> None:
@@ -252,7 +260,8 @@ def check_data_model(cfg: DictConfig) -> None:
     ]
     needs = _either([KIND_NOUNS[k] for k in accepts])
     raise ValueError(
-        f"{model_label} needs {needs}" + (f" ({_either(fitting_data)})" if fitting_data else "")
+        f"{model_label} needs {needs}"
+        + (f" ({_either(fitting_data)})" if fitting_data else "")
         + f"; {data_label} provides {KIND_NOUNS[kind]}. "
         + (f"Models for {KIND_NOUNS[kind]}: {', '.join(fitting_models)}." if fitting_models else "")
     )

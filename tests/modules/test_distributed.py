@@ -145,3 +145,26 @@ def test_sophia_g_sampled_labels_on_two_ranks_match_single_process(tmp_path):
     assert len(hessians) == 4
     for h, s in zip(hessians, single_hessians, strict=True):
         torch.testing.assert_close(h, s, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sophia_h", "sophia_g"])
+def test_refresh_on_part_of_the_batch_ranks_identical_and_match_single_process(tmp_path, name):
+    """hessian.batch_fraction=0.5 under DDP: each rank estimates on the first half of its batch (the
+    finite difference's training pass split in two chunks, only the second one synchronized; GNB on
+    a fresh forward); the estimates are averaged and the ranks stay bit-identical. With the
+    interleaved layout the ranks' halves (examples 0, 2 and 1, 3) are one process's first half of
+    its batch of 8, so the runs agree to rounding (the finite difference's, amplified by 1/eps, in
+    float64): the chunks and the averaging over ranks add up as on one process."""
+    hessian = {"every_k": 3, "batch_fraction": 0.5, **({"hvp": "finite_difference"} if name == "sophia_h" else {})}
+    kwargs = dict(module_cls=ArgmaxGNBModule, dtype=torch.float64, hessian=hessian)
+    r0, r1 = _run(tmp_path / "ddp", name, devices=2, batch_size=4, **kwargs)
+    assert r0["global_step"] == r1["global_step"] == STEPS
+    assert r0["refreshes"] == r1["refreshes"] == 3
+    for key in r0["params"]:
+        assert torch.equal(r0["params"][key], r1["params"][key]), key
+    assert max_abs_diff(flatten_state(r0["optim"]), flatten_state(r1["optim"])) == 0.0
+    (single,) = _run(tmp_path / "single", name, devices=1, batch_size=8, **kwargs)
+    diff = max((r0["params"][k] - single["params"][k]).abs().max().item() for k in r0["params"])
+    _report_unclipped(name, diff, single)
+    assert diff < 1e-8, f"{name}: DDP vs single-process max |param diff| = {diff:.3g}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import lightning as L
@@ -265,11 +266,17 @@ def test_step_time_is_amortised_over_one_refresh_period(tmp_path, monkeypatch):
         ("flat_sophia", {"refresh_prob": 0.3, "hvp": "autograd"}),
         ("flat_sophia", {"every_k": 3, "hvp": "finite_difference"}),
         ("sophia_h", {"refresh_prob": 0.3, "hvp": "finite_difference"}),
+        ("flat_sophia", {"every_k": 3, "hvp": "finite_difference", "batch_fraction": 0.25}),
+        ("sophia_h", {"refresh_prob": 0.3, "hvp": "finite_difference", "batch_fraction": 0.3}),
+        ("sophia_g", {"every_k": 3, "batch_fraction": 0.5}),
+        ("flat_sophia", {"every_k": 3, "hvp": "autograd", "batch_fraction": 0.25}),
     ],
 )
 def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian):
     """The refresher's docstring loop (plain PyTorch, clipping as the module clips) ends with the
-    module's parameters, bit for bit: the module adds only Lightning's bookkeeping."""
+    module's parameters, bit for bit: the module adds only Lightning's bookkeeping. With
+    ``batch_fraction`` < 1 the refresh runs on the first rows, and a finite-difference step's
+    training pass in two chunks (the subset first), as the docstring shows."""
     from flatsophia.optim import param_groups
 
     module, t, calls, fitted = _fit(tmp_path, name, steps=11, hessian=hessian)
@@ -284,9 +291,17 @@ def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian
         estimates = None
         if refresher.shares_forward(step):
             _, estimates = refresher.forward_backward(forward, loss_fn)
+        elif refresher.splits(step):
+            (sx, sy), (rx, ry) = refresher.split((x, y))
+            divisor = len(y) / len(sy)
+            with refresher.training_pass(step, loss_divisor=divisor, subset=True):
+                (plain.loss_fn(net(sx), sy) / divisor).backward()
+            (plain.loss_fn(net(rx), ry) * (len(ry) / len(y))).backward()
         else:
             with refresher.training_pass(step):
                 loss_fn(forward()).backward()
+        sx, sy = refresher.subset((x, y))
+        forward, loss_fn = functools.partial(net, sx), functools.partial(plain.loss_fn, y=sy)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         if refresher.maybe_refresh(step, forward, loss_fn, estimates):
             refreshed.append(step)
@@ -305,10 +320,12 @@ def test_finite_difference_refresh_at_configured_steps_with_accumulation(tmp_pat
     assert module.refresher.finite_difference and module.refresher.skipped == 0
 
 
-def test_finite_difference_in_mixed_precision_recomputes_in_float32_with_one_warning(tmp_path):
+@pytest.mark.parametrize("fraction", [1, 0.25])
+def test_finite_difference_in_mixed_precision_recomputes_in_float32_with_one_warning(tmp_path, fraction):
     """The bf16 training gradient is not reused (docs/results/hvp_precision): each refresh takes both
-    gradients in float32, outside Lightning's autocast; one warning for the run."""
-    module = make_module("sophia_h", hessian={"hvp": "finite_difference", "every_k": 1})
+    gradients in float32, outside Lightning's autocast; one warning for the run. On part of the batch
+    too: the split pass's subset chunk records the precision."""
+    module = make_module("sophia_h", hessian={"hvp": "finite_difference", "every_k": 1, "batch_fraction": fraction})
     with pytest.warns(UserWarning, match="bfloat16 autocast.*float32") as caught:
         trainer(tmp_path, precision="bf16-mixed", max_steps=3).fit(module, loader(dataset()))
     assert sum("hvp=finite_difference: the training pass" in str(w.message) for w in caught) == 1
@@ -327,22 +344,32 @@ class _Record(L.Callback):
 
 
 class _Refresh(L.Callback):
-    """``discard``: every estimate is computed and thrown away; ``none``: no refresh at all."""
+    """``discard``: every estimate is computed and thrown away; ``none``: no refresh at all;
+    ``keep``: every estimate is recorded and applied."""
 
     def __init__(self, mode: str):
         self.mode, self.estimates = mode, []
 
     def on_train_start(self, trainer, pl_module):
+        refresher = pl_module.refresher
         if self.mode == "none":
-            pl_module.refresher.estimator = None
-        else:
-            pl_module.refresher.apply = lambda estimates: self.estimates.append(estimates)
+            refresher.estimator = None
+            return
+        apply = refresher.apply
+
+        def record(estimates):
+            self.estimates.append(estimates)
+            return apply(estimates) if self.mode == "keep" else None
+
+        refresher.apply = record
 
 
-def test_discarded_finite_difference_refreshes_leave_the_run_bit_identical(tmp_path):
+@pytest.mark.parametrize("fraction", [1, 0.25])
+def test_discarded_finite_difference_refreshes_leave_the_run_bit_identical(tmp_path, fraction):
     """A run that computes a finite-difference estimate on every step and discards it equals a run
     without refreshes: parameters, BatchNorm buffers, the data order of a shuffled loader over two
-    epochs (its seed comes from the global RNG) and the dropout stream of every later step."""
+    epochs (its seed comes from the global RNG) and the dropout stream of every later step. With
+    ``batch_fraction`` < 1 too: a BatchNorm network's training pass is never split (one warning)."""
     from torch import nn
 
     from flatsophia.modules import OptimLitModule
@@ -352,12 +379,14 @@ def test_discarded_finite_difference_refreshes_leave_the_run_bit_identical(tmp_p
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
         factory = functools.partial(get_spec("sophia_h").cls, lr=1e-2)
-        hessian = {"every_k": 1, "hvp": "finite_difference"}
+        hessian = {"every_k": 1, "hvp": "finite_difference", "batch_fraction": fraction}
         module = OptimLitModule(net, factory, num_classes=3, scheduler={"name": "constant"}, hessian=hessian)
         record, refresh = _Record(), _Refresh(mode)
         torch.manual_seed(1)
         data = torch.utils.data.DataLoader(dataset(n=64), batch_size=8, shuffle=True)
-        trainer(tmp_path / mode, callbacks=[record, refresh], max_epochs=2).fit(module, data)
+        warns = pytest.warns(UserWarning, match="batch statistics") if fraction < 1 and mode == "discard" else None
+        with warns or contextlib.nullcontext():
+            trainer(tmp_path / mode, callbacks=[record, refresh], max_epochs=2).fit(module, data)
         runs[mode] = (module, record, refresh)
     (fd, fd_record, fd_refresh), (none, none_record, none_refresh) = runs["discard"], runs["none"]
     assert len(fd_refresh.estimates) == 16 and not none_refresh.estimates
@@ -388,3 +417,54 @@ def test_hvp_auto_takes_the_finite_difference_in_full_precision(tmp_path, name, 
     trainer(tmp_path, max_steps=2, precision=precision).fit(module, loader(dataset(n=16)))
     assert getattr(module.refresher.estimator, "hvp", None) == expected
     assert module.refresher.finite_difference == (expected == "finite_difference")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_split_training_pass_gives_the_whole_gradient(tmp_path, dtype, accumulate):
+    """hessian.batch_fraction < 1 with the finite difference: the refresh step's last micro-batch
+    runs as two chunks (the subset, then the rest). The step's gradient is the unsplit one's (at
+    batch_fraction=1), and the estimate, reusing the subset chunk's gradient, is the one the refresh
+    takes with both of the subset's gradients of its own (the split turned off), to rounding."""
+    runs = {}
+    for key, fraction in (("split", 0.25), ("whole", 1), ("unsplit", 0.25)):
+        module = make_module(
+            "sophia_h",
+            dtype=dtype,
+            accumulate=accumulate,
+            hessian={"every_k": 2, "hvp": "finite_difference", "batch_fraction": fraction},
+        )
+        if key == "unsplit":
+            module._split_share = lambda y: None
+        seen, splits = _watch_step(module)
+        estimates = _Refresh("keep")
+        trainer(tmp_path / key, callbacks=[estimates], max_steps=3).fit(module, loader(dataset(n=64, dtype=dtype)))
+        runs[key] = seen, estimates.estimates
+        assert module.hessian_refreshes == 2 and [n for _, n in seen] == [2 if fraction < 1 else 8] * 3
+        assert splits == ([0, 2] if key == "split" else [])
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    for a, b in zip(runs["split"][0][0][0], runs["whole"][0][0][0], strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    # the finite difference divides the gradients' rounding by eps (3.5e-4 in float32, 1.5e-8 in float64)
+    tol = dict(rtol=2e-2, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-6, atol=1e-9)
+    for a, b in zip(runs["split"][1][0], runs["unsplit"][1][0], strict=True):
+        torch.testing.assert_close(a, b, **tol)
+    assert not torch.allclose(runs["split"][1][0][0], runs["whole"][1][0][0], rtol=1e-2)
+
+
+def _watch_step(module):
+    """Record, per optimizer step, the gradients and the refresh batch's size, and the steps whose
+    training pass was split."""
+    seen, splits = [], []
+    step, split = module._optimizer_step, module._split_backward
+
+    def optimizer_step(opt, x, y, *args, **kwargs):
+        seen.append(([p.grad.clone() for p in module.net.parameters()], len(y)))
+        return step(opt, x, y, *args, **kwargs)
+
+    def split_backward(*args):
+        splits.append(module.global_step)
+        return split(*args)
+
+    module._optimizer_step, module._split_backward = optimizer_step, split_backward
+    return seen, splits

@@ -35,6 +35,16 @@ CASES = [(n, {"unclipped": True}) for n in sorted(OPTIMIZERS)] + [
     ("flat_sophia", {"hessian": {"refresh_prob": 0.3, "hvp": "finite_difference"}, "unclipped": True}),
     ("sophia_h", {"hessian": {"every_k": 2, "hvp": "finite_difference"}, "accumulate": 2, "unclipped": True}),
     ("flat_sophia", {"hessian": {"every_k": 3, "hvp": "finite_difference"}, "unclipped": True, "dtype": torch.float64}),
+    # the refresh on part of the batch: the split training pass (finite difference), a fresh forward (GNB)
+    (
+        "sophia_h",
+        {
+            "hessian": {"every_k": 2, "hvp": "finite_difference", "batch_fraction": 0.25},
+            "accumulate": 2,
+            "unclipped": True,
+        },
+    ),
+    ("sophia_g", {"hessian": {"refresh_prob": 0.3, "batch_fraction": 0.5}, "unclipped": True}),
 ]
 
 

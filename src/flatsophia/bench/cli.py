@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds per candidate and round for the step and refresh sections (default 1; --smoke 0.01)",
     )
     p.add_argument("--k", type=int, default=10, help="iterations per Hessian refresh (default 10)")
+    p.add_argument(
+        "--batch-fractions",
+        default="1",
+        help="comma-separated refresh batch fractions f in (0, 1]: second-order rows for each f < 1 estimate "
+        "on the first ceil(f * B) examples (default 1: the whole batch only)",
+    )
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument(
         "--optimizers",
@@ -81,6 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.rounds = a.rounds or (2 if a.smoke else 12)
     a.min_run_time = a.min_run_time if a.min_run_time is not None else (0.01 if a.smoke else 1.0)
     a.threads = a.threads or (1 if a.smoke else torch.get_num_threads())
+    try:
+        a.batch_fractions = sorted({float(f) for f in a.batch_fractions.split(",") if f}, reverse=True)
+    except ValueError:
+        p.error(f"invalid --batch-fractions {a.batch_fractions!r} (expected numbers in (0, 1], e.g. 1,0.25)")
+    if not a.batch_fractions or not all(0 < f <= 1 for f in a.batch_fractions):
+        p.error(f"invalid --batch-fractions {a.batch_fractions!r} (expected numbers in (0, 1], e.g. 1,0.25)")
+    a.batch_fractions = tuple(int(f) if f == 1 else f for f in a.batch_fractions)
     a.sections = [s for s in a.sections.split(",") if s]
     if bad := [s for s in a.sections if s not in SECTIONS]:
         p.error(f"unknown section(s) {bad}; choose from {','.join(SECTIONS)}")
@@ -115,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         k=a.k,
         seed=a.seed,
         compile=a.compile,
+        fractions=a.batch_fractions,
         log=log,
     )
     res: dict = {"meta": _meta(a, command, workload, device), "complete": False}
@@ -160,6 +174,7 @@ def _meta(a, command: str, workload, device: torch.device) -> dict:
         rounds=a.rounds,
         min_run_time_s=a.min_run_time,
         k=a.k,
+        batch_fractions=list(a.batch_fractions),
         compile=a.compile,
         smoke=a.smoke,
         seed=a.seed,

@@ -68,7 +68,8 @@ def _block(title: str, header: list[str], align: str, lines: list[list[str]], co
 
 
 def _hvp(row: dict) -> str:
-    return row.get("hvp") or "-"
+    hvp = row.get("hvp") or "-"
+    return hvp if row.get("batch_fraction") is None else f"{hvp}, f={row['batch_fraction']:g}"
 
 
 def _iteration(sec: dict, rounds: int) -> list[str]:

@@ -5,7 +5,10 @@
   :class:`~flatsophia.hessian.HessianRefresher`'s lower-level loop as docs/library.md shows it
   (:func:`training_step`; ``refresher.backward`` runs the same calls, bit for bit); one sample =
   ``k`` consecutive iterations, which always hold exactly one refresh. Hutchinson optimizers get
-  one row per ``hvp`` form. The authors' SophiaG runs the authors' loop (a sampled-label
+  one row per ``hvp`` form. Every second-order optimizer gets
+  one more row per ``--batch-fractions`` value below 1 (the refresh on the first ``ceil(f * B)``
+  examples: a fresh forward on them, or for the finite difference the training pass split in two
+  chunks, the subset first). The authors' SophiaG runs the authors' loop (a sampled-label
   forward+backward and ``update_hessian()`` every ``k`` steps).
 * ``refresh``: the gradient work of one refresh step without the optimizer step (the training
   gradient, the estimate and ``update_hessian``, as the loop does it on a refresh step), against a
@@ -52,6 +55,7 @@ class Context:
     k: int = 10
     seed: int = 0
     compile: bool = False
+    fractions: tuple[float, ...] = (1,)
     log: Callable[[str], None] = print
     keep: list = field(default_factory=list)  # keeps the timed models and optimizers alive
 
@@ -59,17 +63,29 @@ class Context:
 # ---------------------------------------------------------------------------- the loops
 
 
-def training_step(opt, refresher: HessianRefresher, forward, loss_fn, step: int, take_step: bool = True) -> None:
+def training_step(
+    opt, refresher: HessianRefresher, forward, loss_fn, step: int, take_step: bool = True, chunks=None
+) -> None:
     """One iteration of :class:`~flatsophia.hessian.HessianRefresher`'s lower-level loop
     (docs/library.md), ``step`` being the optimizer step's index; ``take_step=False`` stops before
-    ``opt.step()`` (the refresh section)."""
+    ``opt.step()`` (the refresh section). ``chunks``: at ``batch_fraction < 1``, ``(subset, rest,
+    share)`` from :meth:`Workload.chunks <flatsophia.bench.workloads.Workload.chunks>`: the refresh
+    runs on the subset's closures, and a step the refresher :meth:`splits
+    <flatsophia.hessian.HessianRefresher.splits>` runs its training pass as the two chunks."""
     estimates = None
     if refresher.shares_forward(step):  # one forward for the gradient and the estimate
         loss, estimates = refresher.forward_backward(forward, loss_fn)
+    elif chunks is not None and refresher.splits(step):  # the subset's gradient for the finite difference
+        (sub_forward, sub_loss), (rest_forward, rest_loss), share = chunks
+        with refresher.training_pass(step, loss_divisor=1 / share, subset=True):
+            (sub_loss(sub_forward()) / (1 / share)).backward()
+        (rest_loss(rest_forward()) * (1 - share)).backward()
     else:
         with refresher.training_pass(step):  # records the gradient for hvp="finite_difference"
             loss = loss_fn(forward())
             loss.backward()
+    if chunks is not None:
+        forward, loss_fn = chunks[0]
     refresher.maybe_refresh(step, forward, loss_fn, estimates)
     if take_step:
         opt.step()
@@ -101,11 +117,20 @@ def hvp_forms(name: str) -> tuple[str | None, ...]:
     return HVP_MODES if hessian_of(name) == "hutchinson" else (None,)
 
 
-def refresher_for(ctx: Context, name: str, model: nn.Module, opt, hvp: str | None) -> HessianRefresher:
+def refresher_for(
+    ctx: Context, name: str, model: nn.Module, opt, hvp: str | None, fraction: float = 1
+) -> HessianRefresher:
     if hessian_of(name) == "none":
         return HessianRefresher(opt, model=model)  # a no-op for a first-order optimizer
     kwargs = {"hvp": hvp} if hvp else {}
-    return HessianRefresher(opt, model=model, every_k=ctx.k, seed=ctx.seed, **kwargs)
+    return HessianRefresher(opt, model=model, every_k=ctx.k, seed=ctx.seed, batch_fraction=fraction, **kwargs)
+
+
+def chunks_for(ctx: Context, refresher: HessianRefresher, model: nn.Module):
+    """The workload's ``(subset, rest, share)`` closures for ``refresher``'s ``batch_fraction`` (``None`` at 1)."""
+    if refresher.batch_fraction == 1:
+        return None
+    return ctx.workload.chunks(model, refresher.subset_size(ctx.workload.inputs.shape[0]))
 
 
 def candidate(ctx: Context, name: str, kernel: str | None = None, *, primed: bool = False, grads: bool = False):
@@ -127,8 +152,9 @@ def candidate(ctx: Context, name: str, kernel: str | None = None, *, primed: boo
     return model, opt, forward, loss_fn
 
 
-def _row_key(name: str, variant: str | None) -> str:
-    return name if variant is None else f"{name}/{variant}"
+def _row_key(name: str, variant: str | None, fraction: float = 1) -> str:
+    key = name if variant is None else f"{name}/{variant}"
+    return key if fraction == 1 else f"{key}/f={fraction:g}"
 
 
 def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None, every: int | None = None) -> str:
@@ -138,8 +164,14 @@ def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None
         return f"authors' loop: sampled-label forward+backward and update_hessian(){when}"
     if kind == "none":
         return "no Hessian refresh"
-    shares = "sharing the training forward" if refresher.shares_forward(0) else "reusing the training gradient"
     what = "Gauss-Newton-Bartlett" if kind == "gnb" else f"Hutchinson, hvp={hvp}"
+    shares = "sharing the training forward" if refresher.shares_forward(0) else "reusing the training gradient"
+    if refresher.batch_fraction < 1:
+        how = "a fresh forward"
+        if refresher.finite_difference:
+            split = refresher.splits(0)
+            how = "the training pass split, reusing the subset's gradient" if split else "both gradients in the refresh"
+        shares = f"on the first {100 * refresher.batch_fraction:g}% of the batch: {how}"
     return f"{what}{when}, {shares}"
 
 
@@ -147,25 +179,30 @@ def _refresh_note(name: str, hvp: str | None, refresher: HessianRefresher | None
 
 
 def _candidates(ctx: Context, rows: dict, names: list[str]):
-    """For each of ``names`` and each of its HVP forms: add its row to ``rows`` and yield ``(name, hvp,
-    row, candidate(...))``, keeping the model and optimizer alive; a candidate that cannot be built
-    here leaves its row ``skipped`` with the reason."""
+    """For each of ``names``, each of its HVP forms and each batch fraction (below 1 only for the
+    refresher's estimators): add its row to ``rows`` and yield ``(name, hvp, fraction, row,
+    candidate(...))``, keeping the model and optimizer alive; a candidate that cannot be built here
+    leaves its row ``skipped`` with the reason."""
     for name in names:
+        fractions = ctx.fractions if hessian_of(name) in ("gnb", "hutchinson") else (1,)
         for hvp in hvp_forms(name):
-            row = rows[_row_key(name, hvp)] = dict(optimizer=label(name), hvp=hvp, status="ok")
-            try:
-                built = candidate(ctx, name)
-            except Unavailable as e:
-                row.update(status="skipped", note=str(e))
-                continue
-            ctx.keep.append(built[:2])
-            yield name, hvp, row, built
+            for fraction in fractions:
+                row = rows[_row_key(name, hvp, fraction)] = dict(optimizer=label(name), hvp=hvp, status="ok")
+                if fraction != 1:
+                    row["batch_fraction"] = fraction
+                try:
+                    built = candidate(ctx, name)
+                except Unavailable as e:
+                    row.update(status="skipped", note=str(e))
+                    continue
+                ctx.keep.append(built[:2])
+                yield name, hvp, fraction, row, built
 
 
 def run_iteration(ctx: Context) -> dict:
     ctx.log(f"== iteration: one refresh per {ctx.k} iterations (HessianRefresher's plain loop)")
     rows, cands = {}, {}
-    for name, hvp, row, (model, opt, forward, loss_fn) in _candidates(ctx, rows, ctx.optimizers):
+    for name, hvp, fraction, row, (model, opt, forward, loss_fn) in _candidates(ctx, rows, ctx.optimizers):
         counter = itertools.count()
         if hessian_of(name) == "authors":
             preds = ctx.workload.predictions
@@ -175,17 +212,18 @@ def run_iteration(ctx: Context) -> dict:
 
             row["note"] = _refresh_note(name, hvp, None, ctx.k)
         else:
-            refresher = refresher_for(ctx, name, model, opt, hvp)
+            refresher = refresher_for(ctx, name, model, opt, hvp, fraction)
+            chunks = chunks_for(ctx, refresher, model)
 
-            def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn, counter=counter):
-                training_step(opt, refresher, forward, loss_fn, next(counter))
+            def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn, counter=counter, chunks=chunks):
+                training_step(opt, refresher, forward, loss_fn, next(counter), chunks=chunks)
 
             row["note"] = _refresh_note(name, hvp, refresher, ctx.k)
             if freq := opt.defaults.get("precondition_frequency"):
                 row["note"] = f"eigenbasis refresh inside step() every {freq} steps"
         for _ in range(2):
             fn()
-        cands[_row_key(name, hvp)] = fn
+        cands[_row_key(name, hvp, fraction)] = fn
     for key, stats in measure(cands, ctx.rounds, ctx.threads, number=ctx.k, log=ctx.log, label="iteration").items():
         rows[key].update(stats)
     add_ratios(rows, REFERENCE)
@@ -205,7 +243,7 @@ def _refresh_candidates(ctx: Context) -> tuple[dict[str, dict], dict[str, Callab
     fns = {"fwd_bwd": fwd_bwd}
     ctx.keep.append((model, opt))
     second_order = [name for name in ctx.optimizers if hessian_of(name) != "none"]
-    for name, hvp, row, (model, opt, forward, loss_fn) in _candidates(ctx, rows, second_order):
+    for name, hvp, fraction, row, (model, opt, forward, loss_fn) in _candidates(ctx, rows, second_order):
         if hessian_of(name) == "authors":
 
             def fn(opt=opt, forward=forward, loss_fn=loss_fn):
@@ -216,13 +254,14 @@ def _refresh_candidates(ctx: Context) -> tuple[dict[str, dict], dict[str, Callab
 
             row["note"] = "training forward+backward, then the authors' refresh on its own forward"
         else:
-            refresher = refresher_for(ctx, name, model, opt, hvp)
+            refresher = refresher_for(ctx, name, model, opt, hvp, fraction)
+            chunks = chunks_for(ctx, refresher, model)
 
-            def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn):
-                training_step(opt, refresher, forward, loss_fn, 0, take_step=False)
+            def fn(opt=opt, refresher=refresher, forward=forward, loss_fn=loss_fn, chunks=chunks):
+                training_step(opt, refresher, forward, loss_fn, 0, take_step=False, chunks=chunks)
 
             row["note"] = _refresh_note(name, hvp, refresher)
-        fns[_row_key(name, hvp)] = fn
+        fns[_row_key(name, hvp, fraction)] = fn
     return rows, fns
 
 

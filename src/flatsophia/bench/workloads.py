@@ -76,9 +76,12 @@ class Workload:
         self.inputs, self.targets = self.inputs.to(device), self.targets.to(device)
         return self
 
-    def closures(self, model: nn.Module):
-        """``forward()`` -> logits of ``model`` shaped ``(predictions, classes)``; ``loss_fn`` -> mean cross-entropy."""
-        x, y = self.inputs, self.targets
+    def closures(self, model: nn.Module, rows: slice = slice(None)):
+        """``forward()`` -> logits of ``model`` shaped ``(predictions, classes)``; ``loss_fn`` -> mean
+        cross-entropy; over the examples ``rows`` of the batch (default all)."""
+        per = self.targets.numel() // self.inputs.shape[0]  # predictions per example
+        start, stop, _ = rows.indices(self.inputs.shape[0])
+        x, y = self.inputs[start:stop], self.targets[start * per : stop * per]
 
         def forward() -> torch.Tensor:
             out = model(x)
@@ -88,6 +91,15 @@ class Workload:
             return F.cross_entropy(logits, y)
 
         return forward, loss_fn
+
+    def chunks(self, model: nn.Module, n: int):
+        """For a refresh on the first ``n`` examples: ``(subset, rest, share)``, the closures of
+        :meth:`closures` over the first ``n`` examples and over the others, and the subset's share
+        of the mean loss; ``None`` when ``n`` is the whole batch."""
+        b = self.inputs.shape[0]
+        if n >= b:
+            return None
+        return self.closures(model, slice(None, n)), self.closures(model, slice(n, None)), n / b
 
 
 def build_workload(name: str = "vit", batch: int | None = None, seed: int = 0) -> Workload:

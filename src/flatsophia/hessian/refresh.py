@@ -46,6 +46,30 @@ passes, which FSDP's reduce-scatter averages across ranks (no further reduce): G
 sampled-label gradient, and Hutchinson with ``hvp="finite_difference"`` (``hvp="autograd"`` is
 refused); the training gradient in ``.grad`` is set aside and put back, and :meth:`training_pass`
 records it from ``.grad``.
+
+Part of the batch (``batch_fraction=f < 1``): the refresh estimates on the first ``ceil(f * B)``
+examples, which :meth:`~HessianRefresher.subset` takes from a batch of any nesting; the estimate
+feeds an EMA, so the smaller sample adds noise, not bias. ``shares_forward`` is then ``False``
+(sharing would cost a full-batch extra backward): Gauss-Newton-Bartlett and ``hvp="autograd"``
+take a fresh forward on the subset. ``hvp="finite_difference"`` needs the subset's own gradient:
+where :meth:`~HessianRefresher.splits` says so, run the training pass in two chunks, the subset
+first, each back-propagating its share of the loss (``share = n / B`` for a mean over examples)::
+
+        if refresher.splits(step):
+            (sx, sy), (rx, ry) = refresher.split((x, y))
+            divisor = len(y) / len(sy)  # the subset's loss / divisor is its share of the batch's mean
+            with refresher.training_pass(step, loss_divisor=divisor, subset=True):
+                (F.cross_entropy(model(sx), sy) / divisor).backward()  # under DDP: no_sync() here
+            (F.cross_entropy(model(rx), ry) * (len(ry) / len(y))).backward()
+        else:
+            ...  # the whole pass, as above
+        sx, sy = refresher.subset((x, y))
+        refresher.maybe_refresh(step, lambda: model(sx), lambda out: F.cross_entropy(out, sy))
+
+A whole-batch pass at ``f < 1`` records no gradient, and the refresh takes both of the subset's
+gradients itself (cost ``2f`` forward+backwards instead of ``f``): :meth:`splits` chooses that for a
+model with BatchNorm (or other running statistics) in training mode, whose output two chunks would
+change, and under FSDP2.
 """
 
 from __future__ import annotations
@@ -63,6 +87,7 @@ from flatsophia.sharding import any_dtensor
 from .base import HessianEstimator, build_estimator, capture_rng_state, cuda_devices, math_attention, replayed_rng
 from .hutchinson import HVP_MODES, SHARDED_AUTOGRAD
 from .precision import TrainingPrecision, choose_hvp, full_precision, record_precision
+from .subset import batch_size, batch_statistics_layers, split_batch, subset_size
 
 __all__ = ["HessianRefresher", "check_estimator_fits", "distributed_mean"]
 
@@ -155,6 +180,9 @@ class HessianRefresher:
             adds the scaled gradient to ``.grad``, as ``scaler.scale(loss).backward()`` does, and
             :meth:`training_pass` takes the recorded gradient as the scaled one. An estimate that
             overflows is skipped (``skipped``), as the scaler skips such a step.
+        batch_fraction: estimate on the first ``ceil(batch_fraction * B)`` examples of the batch
+            (a number in (0, 1], default 1: the whole batch). The loop passes the refresh closures
+            over :meth:`subset` of its batch; see the module docstring for the training pass.
 
     Attributes:
         estimator: the :class:`~flatsophia.hessian.base.HessianEstimator`, or ``None`` for a
@@ -179,8 +207,10 @@ class HessianRefresher:
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         optimizer_name: str | None = None,
         scaler: torch.amp.GradScaler | None = None,
+        batch_fraction: float = 1,
     ):
         check_int("every_k", every_k, 1)
+        check_probability("batch_fraction", batch_fraction)
         if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
             raise ValueError(f"Invalid scaler: {scaler!r} (expected a torch.amp.GradScaler or None)")
         check_probability("refresh_prob", refresh_prob, allow_none=True)
@@ -191,12 +221,14 @@ class HessianRefresher:
         self.seed = seed
         self.reduce = reduce
         self.scaler = scaler
+        self.batch_fraction = batch_fraction
         self.optimizer_name = optimizer_name or _optimizer_name(optimizer)
         self.refreshes = 0
         self.skipped = 0
         self._rng: torch.Generator | None = None  # created on first use (see `rng`)
         self._pass: _TrainingPass | None = None  # recorded by training_pass for a finite difference
         self._warned_precision = False
+        self._warned_split = False
         if hvp != "auto" and hvp not in HVP_MODES:
             raise ValueError(f"Invalid hvp: {hvp!r} (expected auto or one of {', '.join(HVP_MODES)})")
 
@@ -279,11 +311,14 @@ class HessianRefresher:
         Both estimators can: Hutchinson differentiates the training gradient once more, and
         Gauss-Newton-Bartlett samples its labels from the training logits and back-propagates the
         sampled-label loss through the same graph. Only on one process (``reduce is None``: under
-        DDP the training gradient must go through DDP's hooks) and with the fixed every-k schedule
-        (the random one draws when the step is taken, after the loop's checks).
+        DDP the training gradient must go through DDP's hooks), with the fixed every-k schedule
+        (the random one draws when the step is taken, after the loop's checks), and on the whole
+        batch (``batch_fraction=1``: on a subset a fresh forward costs less than a full-batch
+        extra backward).
         """
         return (
-            self.estimator_name in ("hutchinson", "gnb")
+            self.batch_fraction == 1
+            and self.estimator_name in ("hutchinson", "gnb")
             and hasattr(self.estimator, "from_loss")
             and not self.finite_difference
             and self.reduce is None
@@ -292,8 +327,55 @@ class HessianRefresher:
             and self.due(step)
         )
 
+    # ------------------------------------------------------------ the subset
+    def subset_size(self, n: int) -> int:
+        """Examples the refresh estimates on out of a batch of ``n``: ``ceil(batch_fraction * n)``
+        (``batch_fraction * n`` rounded to 9 decimals first, so 0.1 of 30 is 3), at least 1."""
+        check_int("batch size", n, 1)
+        return subset_size(self.batch_fraction, n)
+
+    def split(self, batch):
+        """``(subset, rest)``: the first :meth:`subset_size` rows of every tensor of ``batch`` (a
+        tensor, or tuples, lists, dicts of them, nested) along dim 0, and the other rows (views;
+        non-tensor leaves and 0-d tensors go to both). ``ValueError`` when the tensors do not share
+        one leading size."""
+        return split_batch(batch, self.subset_size(batch_size(batch)))
+
+    def subset(self, batch):
+        """The batch the refresh estimates on: ``batch`` itself at ``batch_fraction=1``, else the
+        first :meth:`subset_size` rows of each of its tensors (:meth:`split`)."""
+        return batch if self.batch_fraction == 1 else self.split(batch)[0]
+
+    def splits(self, step: int) -> bool:
+        """Whether to run step ``step``'s training pass in two chunks: the :meth:`subset` first,
+        under ``training_pass(step, loss_divisor, subset=True)``, then the rest (see the module
+        docstring), so that the finite-difference refresh reuses the subset's gradient (cost ``f``
+        forward+backwards). ``True`` on a due step of Hutchinson with ``hvp="finite_difference"``
+        and ``batch_fraction < 1``, except under FSDP2 and for a ``model`` with BatchNorm (or other
+        running statistics) in training mode: two chunks would change its batch statistics, hence
+        the training step, so the pass stays whole and the refresh takes the subset's gradient itself
+        (cost ``2f``; one warning). Peeks at the random schedule (draws nothing).
+        """
+        if not (self.batch_fraction < 1 and self.finite_difference and not self.sharded):
+            return False
+        if not self.due(step, peek=True):
+            return False
+        layers = batch_statistics_layers(self.model)
+        if layers and not self._warned_split:
+            self._warned_split = True
+            warnings.warn(
+                f"batch_fraction={self.batch_fraction} with hvp=finite_difference: the model has layers with "
+                f"batch statistics in training mode ({', '.join(layers[:3])}{', ...' if len(layers) > 3 else ''}), "
+                "so the training pass is not split into the subset and the rest (that would change the "
+                "training step). Each refresh takes the subset's gradient itself: 2 x batch_fraction "
+                "forward+backwards instead of batch_fraction.",
+                UserWarning,
+                stacklevel=2,
+            )
+        return not layers
+
     @contextlib.contextmanager
-    def training_pass(self, step: int, loss_divisor: float = 1):
+    def training_pass(self, step: int, loss_divisor: float = 1, *, subset: bool = False):
         """Wrap the training forward+backward (the last micro-batch's) of optimizer step ``step``.
 
         With ``hvp="finite_difference"``, on a step whose refresh is due, it records the global RNG
@@ -303,6 +385,12 @@ class HessianRefresher:
         ``theta + eps v`` and takes ``H v`` from the two gradients. ``loss_divisor``: the pass
         back-propagates ``loss / loss_divisor`` (micro-batches accumulated; times the ``scaler``'s
         scale with one). Otherwise a no-op.
+
+        ``batch_fraction < 1``: with ``subset=True`` the block is the pass over the :meth:`subset`
+        alone (the first chunk when :meth:`splits`), whose gradient the refresh reuses, and
+        ``loss_divisor`` is what divides the subset's loss (``accumulate / share``). A pass with
+        ``subset=False`` (the whole batch) records only its precision, not its gradient or RNG
+        state: the refresh then takes both of the subset's gradients itself.
         Sharded parameters (FSDP2): the pass's gradient is read from ``.grad`` (its value after the
         pass minus the one before, when micro-batches accumulate), already averaged over ranks.
 
@@ -316,6 +404,17 @@ class HessianRefresher:
             yield
             return
         params = self.optimizer.hessian_params()
+        if self.batch_fraction < 1 and not subset:  # this pass's gradient is not the subset's
+            seen_only: list[TrainingPrecision] = []
+            watch = self.model.register_forward_pre_hook(
+                lambda module, args: None if seen_only else seen_only.append(record_precision(params, module))
+            )
+            try:
+                yield
+            finally:
+                watch.remove()
+            self._follow_precision(seen_only[0] if seen_only else record_precision(params, self.model))
+            return
         # under a GradScaler the pass back-propagates loss * scale / loss_divisor
         divisor = loss_divisor / self.loss_scale()
         record = _TrainingPass(step, capture_rng_state(cuda_devices(params)), len(params), divisor)

@@ -146,8 +146,12 @@ class OptimLitModule(L.LightningModule):
         scheduler: ``{name: constant|cosine|linear, warmup_steps, min_lr_ratio, total_steps}``;
             ``total_steps: null`` uses the trainer's number of optimizer steps.
         hessian: ``{estimator: auto|none|gnb|hutchinson, every_k, refresh_prob, distribution,
-            n_probes, seed, hvp: auto|autograd|finite_difference}``; ``auto`` picks the estimator the
-            optimizer consumes.
+            n_probes, seed, hvp: auto|autograd|finite_difference, batch_fraction}``; ``auto`` picks the
+            estimator the optimizer consumes. ``batch_fraction`` f < 1: the refresh estimates on the
+            first ``ceil(f * B)`` examples of the last micro-batch of the step (the one it always
+            uses); with ``hvp=finite_difference`` that micro-batch's training pass then runs as two
+            chunks, the subset first (:meth:`_split_backward`), unless the network has BatchNorm in
+            training mode or is sharded (FSDP2): then the refresh takes the subset's gradient itself.
         task: ``"classification"`` or ``"lm"`` (cross-entropy over the last dim either way).
         num_classes: classes, or vocabulary size for ``lm``.
         grad_clip: max global gradient norm (``None``/0 disables clipping).
@@ -320,11 +324,14 @@ class OptimLitModule(L.LightningModule):
         self._micro_preds += y.numel()
         last = self._micro >= self.accumulate
         estimates = None
+        share = self._split_share(y) if last and self.refresher.splits(self.global_step) else None
         if last and self._can_share_forward():
             with _in_config_keys():
                 loss, estimates = self.refresher.forward_backward(
                     lambda: self.net(x), lambda out: self.loss_fn(out, y), loss_divisor=self.accumulate
                 )
+        elif share is not None:
+            loss = self._split_backward(opt, x, y, share)
         else:
             # hvp=finite_difference keeps the last micro-batch's own gradient and RNG state for the refresh
             refresh_pass = self.refresher.training_pass(self.global_step, self.accumulate) if last else None
@@ -337,8 +344,39 @@ class OptimLitModule(L.LightningModule):
             return loss.detach()
         preds = self._micro_preds * self.trainer.world_size
         self._micro = self._micro_preds = 0
-        self._optimizer_step(opt, x, y, self._loss_sum / self.accumulate, preds, estimates)
+        xs, ys = self.refresher.subset((x, y))  # what the refresh estimates on (hessian.batch_fraction)
+        self._optimizer_step(opt, xs, ys, self._loss_sum / self.accumulate, preds, estimates)
         return loss.detach()
+
+    def _split_share(self, y: torch.Tensor) -> float | None:
+        """The refresh subset's share of the batch's loss: the targets :meth:`loss_fn` counts (those
+        not equal to its ``ignore_index``, -100) in the first ``ceil(f * B)`` examples over those in
+        the batch. ``None`` (no split) when the subset is the whole batch, or when either chunk
+        would count no target (its mean loss would be NaN). A subclass whose loss is not a mean
+        over targets overrides this."""
+        n = self.refresher.subset_size(len(y))
+        if n == len(y):
+            return None
+        counted = (y.reshape(len(y), -1) != -100).sum(dim=1)
+        head, total = int(counted[:n].sum()), int(counted.sum())
+        return head / total if 0 < head < total else None
+
+    def _split_backward(self, opt, x: torch.Tensor, y: torch.Tensor, share: float) -> torch.Tensor:
+        """The last micro-batch's training pass in two chunks (``refresher.splits``): the refresh
+        subset, whose gradient the finite difference reuses, then the rest of the micro-batch,
+        each back-propagating its share of the mean loss, so ``.grad`` gets the whole micro-batch's
+        gradient (to rounding). Only the second backward synchronizes gradients across DDP ranks.
+        Returns the micro-batch's (undivided) loss."""
+        (xs, ys), (xr, yr) = self.refresher.split((x, y))
+        divisor = self.accumulate / share  # the subset's loss / divisor: its part of this step's loss
+        with self.refresher.training_pass(self.global_step, divisor, subset=True):
+            head = self.loss_fn(self.net(xs), ys)
+            with opt.toggle_model(sync_grad=False):
+                self.manual_backward(head / divisor)
+        tail = self.loss_fn(self.net(xr), yr)
+        with opt.toggle_model(sync_grad=True):
+            self.manual_backward(tail * ((1 - share) / self.accumulate))
+        return head.detach() * share + tail.detach() * (1 - share)
 
     def _can_share_forward(self) -> bool:
         """Whether this step's refresh shares the training forward (the refresher's conditions, and
