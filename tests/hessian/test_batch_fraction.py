@@ -8,6 +8,7 @@ whole batch's gradient, and a BatchNorm network is never split.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -112,11 +113,14 @@ def _loop(name, hvp, bn, fraction, steps=5, discard=False):
                 want = oracle(
                     lambda: model(sx), lambda out: F.cross_entropy(out, sy), opt.hessian_params(), module=model
                 )
+            if name == "sophia_g":  # ghat**2 on n/8 of the predictions: scaled by that share
+                want = [None if w is None else w * math.sqrt(len(sy) / 8) for w in want]
             seen.append((estimates, want))
             return False if discard else apply(estimates)
 
         refresher.apply = check
-        refresher.maybe_refresh(step, lambda sx=sx: model(sx), lambda out, sy=sy: F.cross_entropy(out, sy))
+        share = len(sy) / len(y)
+        refresher.maybe_refresh(step, lambda sx=sx: model(sx), lambda out, sy=sy: F.cross_entropy(out, sy), share=share)
         opt.step(**({"bs": 8} if name == "sophia_g" else {}))
         opt.zero_grad(set_to_none=True)
     return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()], seen
@@ -192,3 +196,38 @@ def test_a_whole_pass_at_f_below_one_records_no_gradient():
     assert not HessianRefresher(
         SophiaH(model.parameters()), model=model, hvp="autograd", batch_fraction=0.5
     ).shares_forward(0)
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_gauss_newton_bartlett_keeps_its_expectation_on_a_subset(fraction):
+    """``ghat**2`` from n predictions has expectation (1/n) x the per-prediction Gauss-Newton
+    diagonal; scaled by ``share`` (maybe_refresh) the subset's estimate keeps the whole batch's
+    expectation, so a subset adds noise only. The batch is 4 copies of 8 rows, so the first 8 rows
+    have the whole batch's curvature exactly; over 400 label draws each the means agree to 10%,
+    and without the scaling the ratio would be 1 / fraction."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 5)).double()
+    x = torch.randn(8, 6, dtype=torch.float64).repeat(4, 1)
+    y = torch.zeros(32, dtype=torch.long)
+
+    def mean_square(batch_fraction, draws=400):
+        opt = SophiaG(model.parameters(), bs=32)
+        refresher = HessianRefresher(opt, model=model, every_k=1, seed=7, batch_fraction=batch_fraction)
+        sums = []
+        refresher.apply = lambda est: sums.append(sum(float(e.square().sum()) for e in est)) or True
+        sx, sy = refresher.subset((x, y))
+        for _ in range(draws):
+            refresher.maybe_refresh(0, lambda: model(sx), lambda out: F.cross_entropy(out, sy), share=len(sy) / 32)
+        return sum(sums) / draws
+
+    ratio = mean_square(fraction) / mean_square(1.0)
+    assert 0.9 < ratio < 1.1, ratio
+
+
+def test_gauss_newton_bartlett_on_a_subset_needs_the_share():
+    refresher = HessianRefresher(SophiaG(_net().parameters(), bs=8), model=_net(), batch_fraction=0.5)
+    with pytest.raises(ValueError, match=r"needs share=.*1 / batch_fraction"):
+        refresher.maybe_refresh(0, None, None)
+    with pytest.raises(ValueError, match=r"Invalid share: 1.5 \(expected a number in \(0, 1\]\)"):
+        refresher.maybe_refresh(0, None, None, share=1.5)
+    assert refresher.refreshes == 0

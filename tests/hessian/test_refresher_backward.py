@@ -5,6 +5,7 @@ DDP on 2 gloo ranks against one process over the concatenated batch."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -325,3 +326,43 @@ def test_ddp_and_fsdp2_equal_one_process_over_the_global_batch(ranks, case):
         diff = max((p - s).abs().max().item() for p, s in zip(run["params"], single["params"]))
         print(f"{case}: max |param diff| vs one process {diff:.3g}, unclipped >= {run['wins']:.2f}")
         assert diff < (1e-8 if run["hvp"] == "finite_difference" else 1e-12), f"{case}: max |param diff| {diff:.3g}"
+
+
+def subset_loop(model, opt, refresher, accumulate=1):
+    """The lower-level loop at ``batch_fraction < 1`` as docs/library.md's backward runs it: the
+    training pass whole, the refresh on the first rows of the step's first micro-batch."""
+    xs, ys = _data(next(model.parameters()).dtype)
+    wins = []
+    for step in range(STEPS):
+        for i, (x, y) in enumerate(_micro_batches(xs[step], ys[step], accumulate)):
+            with refresher.training_pass(step, accumulate) if i == 0 else contextlib.nullcontext():
+                (F.cross_entropy(model(x), y) / accumulate).backward()
+            if i == 0:
+                sx, sy = refresher.subset((x, y))
+                share = len(sy) / len(y)
+                refresher.maybe_refresh(
+                    step, lambda sx=sx: model(sx), lambda o, sy=sy: F.cross_entropy(o, sy), share=share
+                )
+        wins.append(_step(opt))
+    return wins
+
+
+FRACTION_CASES = [
+    ("sophia_h", "finite_difference", 1),  # both of the subset's gradients taken by the refresh
+    ("sophia_h", "autograd", 2),
+    ("flat_sophia", "auto", 1),
+    ("sophia_g", "auto", 2),  # GNB: scaled by the subset's share of the rows
+]
+
+
+@pytest.mark.parametrize(("name", "hvp", "accumulate"), FRACTION_CASES, ids=lambda v: str(v))
+def test_backward_at_a_batch_fraction_equals_the_loop_on_the_subset(name, hvp, accumulate):
+    model, opt, refresher = _setup(name, hvp, batch_fraction=0.25)
+    wins = backward_loop(model, opt, refresher, accumulate=accumulate)
+    ref_model, ref_opt, ref_refresher = _setup(name, hvp, batch_fraction=0.25)
+    subset_loop(ref_model, ref_opt, ref_refresher, accumulate=accumulate)
+    _assert_same(model, ref_model)
+    assert refresher.refreshes == ref_refresher.refreshes == 3 and min(wins) > 0.5
+    whole_model, whole_opt, whole = _setup(name, hvp)  # the whole batch's estimates: another run
+    backward_loop(whole_model, whole_opt, whole, accumulate=accumulate)
+    assert not all(torch.equal(p, q) for p, q in zip(_params(model), _params(whole_model)))

@@ -68,9 +68,9 @@ def test_sophia_g_bs_counts_predictions_per_step(tmp_path):
     t = trainer(tmp_path, max_steps=2)
     orig = module._optimizer_step
 
-    def wrapped(opt, x, y, loss, preds, estimates=None):
+    def wrapped(opt, x, y, loss, preds, *args):
         seen.append(preds)
-        return orig(opt, x, y, loss, preds, estimates)
+        return orig(opt, x, y, loss, preds, *args)
 
     module._optimizer_step = wrapped
     t.fit(module, loader(dataset(n=64)))
@@ -303,7 +303,8 @@ def test_plain_loop_with_the_refresher_equals_the_module(tmp_path, name, hessian
         sx, sy = refresher.subset((x, y))
         forward, loss_fn = functools.partial(net, sx), functools.partial(plain.loss_fn, y=sy)
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        if refresher.maybe_refresh(step, forward, loss_fn, estimates):
+        share = len(sy) / len(y) if refresher.batch_fraction < 1 else None
+        if refresher.maybe_refresh(step, forward, loss_fn, estimates, share=share):
             refreshed.append(step)
         opt.step(**({"bs": len(y)} if name == "sophia_g" else {}))
         opt.zero_grad(set_to_none=True)

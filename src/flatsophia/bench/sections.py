@@ -84,9 +84,10 @@ def training_step(
         with refresher.training_pass(step):  # records the gradient for hvp="finite_difference"
             loss = loss_fn(forward())
             loss.backward()
+    share = None
     if chunks is not None:
-        forward, loss_fn = chunks[0]
-    refresher.maybe_refresh(step, forward, loss_fn, estimates)
+        (forward, loss_fn), _, share = chunks
+    refresher.maybe_refresh(step, forward, loss_fn, estimates, share=share)
     if take_step:
         opt.step()
     opt.zero_grad()

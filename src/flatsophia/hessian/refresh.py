@@ -64,7 +64,8 @@ first, each back-propagating its share of the loss (``share = n / B`` for a mean
         else:
             ...  # the whole pass, as above
         sx, sy = refresher.subset((x, y))
-        refresher.maybe_refresh(step, lambda: model(sx), lambda out: F.cross_entropy(out, sy))
+        share = len(sy) / len(y)  # Gauss-Newton-Bartlett scales its estimate by it (see maybe_refresh)
+        refresher.maybe_refresh(step, lambda: model(sx), lambda out: F.cross_entropy(out, sy), share=share)
 
 A whole-batch pass at ``f < 1`` records no gradient, and the refresh takes both of the subset's
 gradients itself (cost ``2f`` forward+backwards instead of ``f``): :meth:`splits` chooses that for a
@@ -75,6 +76,8 @@ change, and under FSDP2.
 from __future__ import annotations
 
 import contextlib
+import functools
+import math
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -602,13 +605,31 @@ class HessianRefresher:
         forward: Callable[[], torch.Tensor],
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
         estimates: Sequence[torch.Tensor | None] | None = None,
+        *,
+        share: float | None = None,
     ) -> bool:
         """Call once per optimizer step taken, before ``optimizer.step()``.
 
         Applies ``estimates`` when given (from :meth:`forward_backward` on a step where
         :meth:`shares_forward`), else refreshes through ``forward`` if :meth:`due`. Returns whether
         a refresh was applied (accepted or not: see ``refreshes`` and ``skipped``).
+
+        ``share``: with ``batch_fraction < 1``, the :meth:`subset`'s share of the batch's predictions
+        (the targets its loss counts; ``len(subset) / len(batch)`` when every example counts alike).
+        Gauss-Newton-Bartlett needs it: its ``ghat**2`` from ``n`` predictions has expectation
+        ``1 / n`` times the per-prediction Gauss-Newton diagonal, so the estimate is scaled by
+        ``sqrt(share)`` to keep the expectation of the whole batch's (SophiaG's ``bs`` stays the
+        step's predictions). Hutchinson's estimate of a mean loss needs no scaling and ignores it.
         """
+        if share is not None:
+            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+                raise ValueError(f"Invalid share: {share!r} (expected a number in (0, 1])")
+        elif self.estimator_name == "gnb" and self.batch_fraction < 1 and estimates is None:
+            raise ValueError(
+                f"maybe_refresh with batch_fraction={self.batch_fraction} and the Gauss-Newton-Bartlett estimator "
+                "needs share= (the subset's share of the batch's predictions, e.g. len(subset) / len(batch)): "
+                "without it the estimate's scale would grow by 1 / batch_fraction"
+            )
         if self.estimator is None:
             return False
         if self._pass is not None and self._pass.step != step:
@@ -618,6 +639,9 @@ class HessianRefresher:
                 self._pass = None
                 return False
             estimates = self.estimate(forward, loss_fn)
+        if self.estimator_name == "gnb" and share is not None and share != 1:
+            root = math.sqrt(share)
+            estimates = [None if e is None else e * root for e in estimates]
         self.apply(estimates)
         return True
 
@@ -662,6 +686,13 @@ class HessianRefresher:
         raises ``RuntimeError`` before anything changes (the refresh would be missing), and so
         does ``optimizer.step()`` with a ``scaler`` (use ``scaler.step(optimizer)``).
 
+        With ``batch_fraction < 1`` the refresh estimates on the first :meth:`subset_size` rows of
+        ``inputs`` and ``targets`` (Gauss-Newton-Bartlett's scaled by their share of the rows, see
+        :meth:`maybe_refresh`'s ``share``), and the training pass stays whole, whatever the loss: a
+        finite difference then takes both of the subset's gradients itself (cost ``2f``
+        forward+backwards per refresh; the two-chunk pass of the module docstring costs ``f`` but
+        needs a loss that is a mean over examples).
+
         Returns:
             the undivided, unscaled loss (detached).
         """
@@ -679,7 +710,7 @@ class HessianRefresher:
         def forward():
             return model(inputs)
 
-        def loss_of(output):
+        def loss_of(output, targets=targets):
             loss = loss_fn(output, targets)
             if not (isinstance(loss, torch.Tensor) and loss.ndim == 0):
                 raise ValueError(
@@ -691,7 +722,13 @@ class HessianRefresher:
             loss = loss_of(forward())
             self._scaled(loss, loss_divisor).backward()
             return loss.detach()
-        refresh_forward = (lambda: self.model(inputs)) if self.model is not model else forward
+        share, sub_inputs, loss_sub = None, inputs, loss_of
+        if self.batch_fraction < 1:  # the refresh on the first rows; the training pass stays whole
+            rows = batch_size((inputs, targets))
+            sub_inputs, sub_targets = self.subset((inputs, targets))
+            share = self.subset_size(rows) / rows
+            loss_sub = functools.partial(loss_of, targets=sub_targets)
+        refresh_forward = (lambda: self.model(sub_inputs)) if self.model is not model else (lambda: model(sub_inputs))
         if self.shares_forward(step):
             loss, estimates = self.forward_backward(forward, loss_of, loss_divisor)
             self.maybe_refresh(step, refresh_forward, loss_of, estimates)
@@ -699,7 +736,7 @@ class HessianRefresher:
         with self.training_pass(step, loss_divisor):
             loss = loss_of(forward())
             self._scaled(loss, loss_divisor).backward()
-        self.maybe_refresh(step, refresh_forward, loss_of)
+        self.maybe_refresh(step, refresh_forward, loss_sub, share=share)
         return loss.detach()
 
     def _scaled(self, loss: torch.Tensor, loss_divisor: float) -> torch.Tensor:

@@ -345,21 +345,27 @@ class OptimLitModule(L.LightningModule):
         preds = self._micro_preds * self.trainer.world_size
         self._micro = self._micro_preds = 0
         xs, ys = self.refresher.subset((x, y))  # what the refresh estimates on (hessian.batch_fraction)
-        self._optimizer_step(opt, xs, ys, self._loss_sum / self.accumulate, preds, estimates)
+        share = self._subset_share(y) if self.refresher.batch_fraction < 1 else None
+        self._optimizer_step(opt, xs, ys, self._loss_sum / self.accumulate, preds, estimates, share)
         return loss.detach()
 
-    def _split_share(self, y: torch.Tensor) -> float | None:
+    def _subset_share(self, y: torch.Tensor) -> float:
         """The refresh subset's share of the batch's loss: the targets :meth:`loss_fn` counts (those
         not equal to its ``ignore_index``, -100) in the first ``ceil(f * B)`` examples over those in
-        the batch. ``None`` (no split) when the subset is the whole batch, or when either chunk
-        would count no target (its mean loss would be NaN). A subclass whose loss is not a mean
-        over targets overrides this."""
+        the batch (1 when the subset is the whole batch or counts no target, whose estimate is then
+        NaN and skipped). A subclass whose loss is not a mean over targets overrides this."""
         n = self.refresher.subset_size(len(y))
         if n == len(y):
-            return None
+            return 1.0
         counted = (y.reshape(len(y), -1) != -100).sum(dim=1)
         head, total = int(counted[:n].sum()), int(counted.sum())
-        return head / total if 0 < head < total else None
+        return head / total if head else 1.0
+
+    def _split_share(self, y: torch.Tensor) -> float | None:
+        """:meth:`_subset_share` for a training pass in two chunks; ``None`` (no split) when either
+        chunk would count no target (its mean loss would be NaN) or the subset is the whole batch."""
+        share = self._subset_share(y)
+        return share if share < 1 else None
 
     def _split_backward(self, opt, x: torch.Tensor, y: torch.Tensor, share: float) -> torch.Tensor:
         """The last micro-batch's training pass in two chunks (``refresher.splits``): the refresh
@@ -387,7 +393,7 @@ class OptimLitModule(L.LightningModule):
             "16-true",
         )
 
-    def _optimizer_step(self, opt, x, y, loss, preds: int, estimates=None) -> None:
+    def _optimizer_step(self, opt, x, y, loss, preds: int, estimates=None, share: float | None = None) -> None:
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         grad_norm = global_norm([p.grad for p in params])  # FSDP2: each rank's shards, one all-reduce
         if not torch.isfinite(grad_norm):
@@ -397,7 +403,9 @@ class OptimLitModule(L.LightningModule):
             self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         step = self.global_step
         with _in_config_keys():
-            self.refresher.maybe_refresh(step, lambda: self.net(x), lambda out: self.loss_fn(out, y), estimates)
+            self.refresher.maybe_refresh(
+                step, lambda: self.net(x), lambda out: self.loss_fn(out, y), estimates, share=share
+            )
         collect = (step + 1) % self.log_stats_every == 0 and hasattr(opt.optimizer, "stats")
         kwargs = {"collect_stats": True} if collect else {}
         if self.estimator_name == "gnb":
