@@ -37,17 +37,13 @@ import torch.nn.functional as F
 from flatsophia.commandline import shown_command
 from flatsophia.hessian.gnb import GaussNewtonBartlett
 from flatsophia.hessian.hutchinson import Hutchinson
+from flatsophia.hessian.subset import subset_size
 from flatsophia.models.components.gpt import GPT
 
 FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 ESTIMATORS = ("hutchinson", "gnb")
 BETA2 = 0.99
 EMA = math.sqrt((1 - BETA2) / (1 + BETA2))
-
-
-def subset_rows(batch_size: int, fraction: float) -> int:
-    """``ceil(fraction * batch_size)``, the rows a refresh with ``batch_fraction=fraction`` uses."""
-    return max(1, math.ceil(fraction * batch_size - 1e-9))
 
 
 class CharLMProblem:
@@ -83,7 +79,7 @@ class CharLMProblem:
 def estimate(problem: CharLMProblem, name: str, estimator, fraction: float) -> tuple[torch.Tensor, float]:
     """One estimate on the first ``ceil(f * B)`` rows of a fresh batch, flattened; and its seconds."""
     x, y = problem.batch()
-    n = subset_rows(len(x), fraction)
+    n = subset_size(fraction, len(x))
     x, y = x[:n], y[:n]
     start = time.perf_counter()
     out = estimator(lambda: problem.model(x), lambda logits: problem.loss(logits, y), problem.params)
@@ -111,7 +107,7 @@ def measure(problem: CharLMProblem, draws: int = 48, fractions=FRACTIONS, seed: 
             s = samples[f]
             noise = math.sqrt(float((s - pooled).square().sum(1).mean())) / norm
             rows[str(f)] = {
-                "rows": subset_rows(problem.batch_size, f),
+                "rows": subset_size(f, problem.batch_size),
                 "noise_1": noise,
                 "noise_ema": noise * EMA,
                 "bias": float((s.mean(0) - pooled).norm()) / norm,
