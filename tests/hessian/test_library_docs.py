@@ -76,6 +76,7 @@ def test_every_block_is_filed():
         "The loop",
         "Sophia-G: the batch size",
         "Gradient accumulation",
+        "Part of the batch",
         "Mixed precision",
         "DDP",
         "FSDP2",
@@ -87,13 +88,15 @@ def test_every_block_is_filed():
 
 
 @pytest.mark.parametrize(
-    "heading", ["The loop", "Sophia-G: the batch size", "Gradient accumulation", "Mixed precision"]
+    "heading", ["The loop", "Sophia-G: the batch size", "Gradient accumulation", "Part of the batch", "Mixed precision"]
 )
 def test_blocks_run(heading):
     for code in sections()[heading]:
         ns = run(code)
         if heading == "Mixed precision" and "bfloat16" in code:
             assert ns["refresher"].estimator.hvp == "autograd"  # auto follows the bf16 pass
+        if heading == "Part of the batch":
+            assert ns["refresher"].batch_fraction == 0.25 and ns["refresher"].refreshes >= 1
 
 
 def test_lower_level_loop_equals_the_six_lines():
