@@ -616,15 +616,15 @@ class HessianRefresher:
 
         ``share``: with ``batch_fraction < 1``, the :meth:`subset`'s share of the batch's predictions
         (the targets its loss counts; ``len(subset) / len(batch)`` when every example counts alike).
-        Gauss-Newton-Bartlett needs it: its ``ghat**2`` from ``n`` predictions has expectation
+        Gauss-Newton-Bartlett needs it on a due step: its ``ghat**2`` from ``n`` predictions has expectation
         ``1 / n`` times the per-prediction Gauss-Newton diagonal, so the estimate is scaled by
         ``sqrt(share)`` to keep the expectation of the whole batch's (SophiaG's ``bs`` stays the
         step's predictions). Hutchinson's estimate of a mean loss needs no scaling and ignores it.
         """
-        if share is not None:
-            if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
-                raise ValueError(f"Invalid share: {share!r} (expected a number in (0, 1])")
-        elif self.estimator_name == "gnb" and self.batch_fraction < 1 and estimates is None:
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+            raise ValueError(f"Invalid share: {share!r} (expected a number in (0, 1])")
+        gnb_subset = self.estimator_name == "gnb" and self.batch_fraction < 1 and estimates is None
+        if share is None and gnb_subset and self.due(step, peek=True):  # peek: the error draws nothing
             raise ValueError(
                 f"maybe_refresh with batch_fraction={self.batch_fraction} and the Gauss-Newton-Bartlett estimator "
                 "needs share= (the subset's share of the batch's predictions, e.g. len(subset) / len(batch)): "
@@ -634,10 +634,10 @@ class HessianRefresher:
             return False
         if self._pass is not None and self._pass.step != step:
             self._pass = None  # recorded for a step that was not taken
+        if estimates is None and not self.due(step):
+            self._pass = None
+            return False
         if estimates is None:
-            if not self.due(step):
-                self._pass = None
-                return False
             estimates = self.estimate(forward, loss_fn)
         if self.estimator_name == "gnb" and share is not None and share != 1:
             root = math.sqrt(share)
@@ -725,8 +725,9 @@ class HessianRefresher:
         share, sub_inputs, loss_sub = None, inputs, loss_of
         if self.batch_fraction < 1:  # the refresh on the first rows; the training pass stays whole
             rows = batch_size((inputs, targets))
-            sub_inputs, sub_targets = self.subset((inputs, targets))
-            share = self.subset_size(rows) / rows
+            n = self.subset_size(rows)
+            (sub_inputs, sub_targets), _ = split_batch((inputs, targets), n)
+            share = n / rows
             loss_sub = functools.partial(loss_of, targets=sub_targets)
         refresh_forward = (lambda: self.model(sub_inputs)) if self.model is not model else (lambda: model(sub_inputs))
         if self.shares_forward(step):

@@ -345,7 +345,9 @@ class OptimLitModule(L.LightningModule):
         preds = self._micro_preds * self.trainer.world_size
         self._micro = self._micro_preds = 0
         xs, ys = self.refresher.subset((x, y))  # what the refresh estimates on (hessian.batch_fraction)
-        share = self._subset_share(y) if self.refresher.batch_fraction < 1 else None
+        # the share scales a Gauss-Newton-Bartlett estimate: counted (a device sync) on due steps only
+        refreshing = self.refresher.batch_fraction < 1 and self.refresher.due(self.global_step, peek=True)
+        share = self._subset_share(y) if refreshing else None
         self._optimizer_step(opt, xs, ys, self._loss_sum / self.accumulate, preds, estimates, share)
         return loss.detach()
 
